@@ -1,0 +1,38 @@
+# Two commands a user needs: `make demo` and `make test`. Everything else is bootstrap.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format unit clean
+
+install: $(STAMP)
+
+# The stamp depends on the files that define the stack, so a second run installs nothing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, ray; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/exfm experiment --dataset synthetic --quick --out runs/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not ray and not slow" -q
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

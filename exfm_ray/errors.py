@@ -1,0 +1,24 @@
+"""Error policy: user mistakes raise a subclass of ExfmError with a message that names the
+field, column or row; the CLI prints it without a stack trace. Internal invariants use assert."""
+
+
+class ExfmError(Exception):
+    """Base of every error a user can cause and fix."""
+
+
+class ConfigError(ExfmError, ValueError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class DataError(ExfmError, ValueError):
+    """Input data does not fit the stream schema: names the column and, where known, the row."""
+
+    def __init__(self, message: str, *, column: str | None = None, row: int | None = None):
+        where = []
+        if column is not None:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.column = column
+        self.row = row
