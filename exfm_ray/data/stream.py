@@ -97,6 +97,17 @@ def read_stream(root: str | Path) -> Stream:
     return Stream(spec, windows, LoadReport(rows_read=sum(w.num_rows for w in windows)))
 
 
+def id_lists(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """list<int64> column from flat ids and per-row list lengths."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np.int64)))
+
+
+def single_ids(values: np.ndarray) -> pa.ListArray:
+    """list<int64> column with exactly one id per row."""
+    return id_lists(values, np.ones(len(values), np.int64))
+
+
 def windows_by_count(event_time: np.ndarray, num_windows: int) -> tuple[np.ndarray, np.ndarray]:
     """Sort rows stably by time and cut them into equal-count windows.
 

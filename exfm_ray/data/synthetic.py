@@ -26,15 +26,15 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
-from exfm_ray.data.stream import LoadReport, Stream, build_stream
+from exfm_ray.data.stream import LoadReport, Stream, build_stream, single_ids
 from exfm_ray.schema import SparseFeature, StreamSpec, TenantSpec, arrow_schema
 
 TENANT_NAMES = ("feed", "stories", "search", "reels", "marketplace", "video", "news", "games")
 
 
 class SyntheticConfig(Config):
-    num_windows: int = Field(10, ge=2, description="Number of time windows.")
-    rows_per_window: int = Field(6000, ge=100, description="Examples per window (before overlap).")
+    num_windows: int = Field(12, ge=2, description="Number of time windows.")
+    rows_per_window: int = Field(20000, ge=100, description="Examples per window (before overlap).")
     num_tenants: int = Field(3, ge=1, le=len(TENANT_NAMES), description="Number of tenants.")
     tenant_shares: list[float] | None = Field(
         None, description="Traffic share per tenant; default halves from one tenant to the next."
@@ -42,8 +42,8 @@ class SyntheticConfig(Config):
     overlap: float = Field(0.15, ge=0.0, le=1.0, description="Share of examples also logged by a 2nd tenant.")
     positive_rate: float = Field(0.1, ge=0.01, le=0.9, description="Target positive rate per tenant.")
     drift: float = Field(0.15, ge=0.0, le=3.2, description="Rotation of user factors per window (radians).")
-    num_users: int = Field(3000, ge=10, description="Users (cardinality of user_id).")
-    num_ads: int = Field(600, ge=10, description="Ads (cardinality of ad_id).")
+    num_users: int = Field(1000, ge=10, description="Users (cardinality of user_id).")
+    num_ads: int = Field(200, ge=10, description="Ads (cardinality of ad_id).")
     num_categories: int = Field(24, ge=2, description="Ad categories = user topics.")
     latent_dim: int = Field(8, ge=1, description="Rank of the user x ad affinity.")
     signal: float = Field(1.0, gt=0, description="Scale of all ground-truth effects (higher = easier).")
@@ -211,7 +211,7 @@ class SyntheticStream:
         }
         single = {k: ex[k][idx] for k in ("user_id", "ad_id", "device", "hour")}
         single["ad_category"] = self.ad_category[ex["ad_id"][idx]]
-        arrays = {k: _single_list(v) for k, v in single.items()}
+        arrays = {k: single_ids(v) for k, v in single.items()}
         arrays["user_topics"] = pa.array(
             [self.user_topics[u].tolist() for u in ex["user_id"][idx]], pa.list_(pa.int64())
         )
@@ -230,12 +230,6 @@ class SyntheticStream:
 
 def synthetic_stream(cfg: SyntheticConfig) -> Stream:
     return SyntheticStream(cfg).stream()
-
-
-def _single_list(values: np.ndarray) -> pa.ListArray:
-    values = pa.array(np.asarray(values, dtype=np.int64))
-    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, values)
 
 
 def _zipf(n: int, a: float, rng: np.random.Generator) -> np.ndarray:

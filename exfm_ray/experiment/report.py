@@ -1,0 +1,177 @@
+"""Turn experiment records into results.json, a Markdown table and a PNG of NE per window."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from exfm_ray.experiment.runner import mean_std  # noqa: E402
+
+BASELINE = "vm_only"
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Per variant (and "fm"): per seed, the mean over tenants and windows >= warmup; then mean/std
+    over seeds. Also per tenant, and per window averaged over seeds."""
+    per_seed: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    per_tenant: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in records:
+        if r["window"] >= warmup:
+            per_seed[r["variant"]][r["seed"]].append(r)
+            per_tenant[r["variant"]][r["tenant"]][r["seed"]].append(r["ne"])
+    summary = {}
+    for v, seeds in per_seed.items():
+        ne_by_seed = [_nanmean([r["ne"] for r in rs]) for rs in seeds.values()]
+        auc_by_seed = [_nanmean([r["auc"] for r in rs]) for rs in seeds.values()]
+        cal_by_seed = [_nanmean([r["calibration"] for r in rs]) for rs in seeds.values()]
+        ne_m, ne_s = mean_std(ne_by_seed)
+        auc_m, auc_s = mean_std(auc_by_seed)
+        summary[v] = {
+            "ne_mean": ne_m,
+            "ne_std": ne_s,
+            "auc_mean": auc_m,
+            "auc_std": auc_s,
+            "calibration_mean": mean_std(cal_by_seed)[0],
+            "seeds": len(ne_by_seed),
+            "ne_by_seed": ne_by_seed,
+        }
+    if BASELINE in summary:
+        base = summary[BASELINE]["ne_mean"]
+        for s in summary.values():
+            s["ne_change_vs_vm_only_pct"] = 100.0 * (s["ne_mean"] - base) / base
+    tenants = {
+        v: {
+            t: dict(zip(("ne_mean", "ne_std"), mean_std([_nanmean(x) for x in by_seed.values()]), strict=True))
+            for t, by_seed in ts.items()
+        }
+        for v, ts in per_tenant.items()
+    }
+    return {"summary": summary, "per_tenant": tenants, "per_window": _per_window(records)}
+
+
+def _per_window(records: list[dict]) -> dict:
+    cells: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+    for r in records:
+        cells[(r["variant"], r["tenant"], r["window"])].append(r)
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for (v, t, w), rs in sorted(cells.items()):
+        out[v][t].append(
+            {
+                "window": w,
+                "ne": _nanmean([r["ne"] for r in rs]),
+                "auc": _nanmean([r["auc"] for r in rs]),
+                "calibration": _nanmean([r["calibration"] for r in rs]),
+                "rows": rs[0]["rows"],
+                "positives": rs[0]["positives"],
+            }
+        )
+    return {v: dict(ts) for v, ts in out.items()}
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def markdown(results: dict) -> str:
+    s, order = results["summary"], _order(results["summary"])
+    lines = [
+        f"## {results['dataset']}: NE after warm-up ({results['warmup']} windows), "
+        f"{results['seeds']} seeds, FM delay {results['fm_delay']}",
+        "",
+        "| variant | NE mean | NE std | NE vs vm_only | AUC mean | calibration |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in order:
+        r = s[v]
+        change = r.get("ne_change_vs_vm_only_pct")
+        lines.append(
+            f"| {v} | {_f(r['ne_mean'])} | {_f(r['ne_std'])} | {_f(change, '+.2f')}% | {_f(r['auc_mean'])} | "
+            f"{_f(r['calibration_mean'], '.3f')} |"
+        )
+    tenants = sorted({t for v in results["per_tenant"].values() for t in v})
+    lines += ["", "Per tenant, NE mean over seeds:", "", "| variant | " + " | ".join(tenants) + " |"]
+    lines.append("|---|" + "---:|" * len(tenants))
+    for v in order:
+        row = results["per_tenant"].get(v, {})
+        lines.append(f"| {v} | " + " | ".join(_f(row[t]["ne_mean"]) if t in row else "-" for t in tenants) + " |")
+    if results.get("leaky"):
+        lines += ["", "**FM delay 0 is a leaky oracle (the FM was trained on the window it labels): diagnostic only.**"]
+    return "\n".join(lines) + "\n"
+
+
+def _f(x: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _order(summary: dict) -> list[str]:
+    known = ["fm", "vm_only", "kd_single_head", "ah", "ah_sa"]
+    return [v for v in known if v in summary] + sorted(set(summary) - set(known))
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Top row: NE per window (all tenants, then each); bottom row: NE change vs vm_only in %."""
+    per_window = results["per_window"]
+    tenants = sorted({t for v in per_window.values() for t in v})
+    cols = len(tenants) + 1
+    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 6.4), squeeze=False, sharex=True)
+    curves = {v: _curves(per_window[v], tenants) for v in _order(per_window)}
+    base = curves.get(BASELINE)
+    shown = [ne for c in curves.values() for pts in c.values() for w, ne in pts.items() if w >= results["warmup"]]
+    for v, c in curves.items():
+        style = {"linestyle": "--", "color": "black"} if v == "fm" else {}
+        for col, key in enumerate(["all", *tenants]):
+            pts = c.get(key, {})
+            ws = sorted(pts)
+            axes[0][col].plot(ws, [pts[w] for w in ws], marker=".", label=v, **style)
+            if base is not None and key in base:
+                ws = [w for w in ws if w in base[key] and w >= results["warmup"]]
+                rel = [100 * (pts[w] - base[key][w]) / base[key][w] for w in ws]
+                axes[1][col].plot(ws, rel, marker=".", label=v, **style)
+    for col, title in enumerate(["all tenants", *tenants]):
+        axes[0][col].set_title(title)
+        axes[1][col].set_xlabel("window")
+        for row in (0, 1):
+            axes[row][col].axvspan(-0.5, results["warmup"] - 0.5, color="grey", alpha=0.15)
+            axes[row][col].grid(alpha=0.3)
+        if shown:  # the untrained first window would squash the scale
+            lo, hi = min(shown), max(shown)
+            axes[0][col].set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    axes[0][0].set_ylabel("NE (lower is better)")
+    axes[1][0].set_ylabel("NE vs vm_only (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['dataset']}: NE per window, mean over {results['seeds']} seeds (grey: warm-up)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _curves(per_tenant: dict, tenants: list[str]) -> dict[str, dict[int, float]]:
+    """NE by window for each tenant, and "all" = the mean over tenants."""
+    out: dict[str, dict[int, float]] = {t: {p["window"]: p["ne"] for p in per_tenant.get(t, [])} for t in tenants}
+    windows = sorted({w for c in out.values() for w in c})
+    out["all"] = {w: _nanmean([out[t][w] for t in tenants if w in out[t] and out[t][w] is not None]) for w in windows}
+    return out
+
+
+def write_results(results: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "plot": out_dir / "ne_per_window.png",
+    }
+    paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(results))
+    plot(results, paths["plot"])
+    return paths

@@ -1,0 +1,139 @@
+"""The streaming ExFM experiment in one process.
+
+Per seed: the FM trains one window at a time on the union of all tenants; after training through
+window k it labels window k + delay. Each variant's student of each tenant then walks the
+windows in time order: evaluate on window t (progressive validation), then train one pass on it.
+Every variant of a seed reads the same FM labels, the same data and the same initial weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.data.sources import load_stream
+from exfm_ray.data.stream import Stream
+from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.fm.learner import FMLearner, head_logit
+from exfm_ray.fm.model import build_fm, count_parameters
+from exfm_ray.metrics import evaluate
+from exfm_ray.students.config import variant
+from exfm_ray.students.learner import StudentLearner
+from exfm_ray.students.model import build_student
+
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class TenantWindow:
+    """One tenant's rows of one window, and where they sit in the full window."""
+
+    rows: WindowTensors
+    index: torch.Tensor  # [n] positions in the full window
+
+
+def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress: Progress | None = None) -> list[dict]:
+    """Run every seed and variant; returns one record per (seed, variant, tenant, window).
+
+    `progress(steps, label)` is called as work completes; total steps = `count_steps(cfg, stream)`.
+    """
+    stream = stream or load_stream(cfg.source)
+    spec = stream.spec
+    full = [WindowTensors(w, spec) for w in stream.windows]
+    parts = [_split_by_tenant(stream, t, full[t]) for t in range(spec.num_windows)]
+    records: list[dict] = []
+    for seed in range(cfg.seeds):
+        fm_logits = _fm_labels(cfg, stream, full, seed, progress)
+        for t, by_tenant in enumerate(parts):
+            for name, part in by_tenant.items():
+                i = spec.tenant_names.index(name)
+                if fm_logits[t] is None:
+                    part.rows.set_fm(torch.zeros(len(part.index)), torch.zeros(len(part.index), dtype=torch.bool))
+                    continue
+                logit = head_logit(fm_logits[t][part.index], torch.full((len(part.index),), i))
+                part.rows.set_fm(logit, torch.ones(len(part.index), dtype=torch.bool))
+                records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
+        for name in spec.tenant_names:
+            for v in cfg.variants:
+                records += _run_student(cfg, stream, parts, seed, v, name, progress)
+    return records
+
+
+def count_steps(cfg: ExperimentConfig, num_windows: int, num_tenants: int) -> int:
+    return cfg.seeds * num_windows * (1 + len(cfg.variants) * num_tenants)
+
+
+def _split_by_tenant(stream: Stream, t: int, full: WindowTensors) -> dict[str, TenantWindow]:
+    out = {}
+    for i, name in enumerate(stream.spec.tenant_names):
+        index = torch.nonzero(full.tenant == i).squeeze(1)
+        if len(index):
+            out[name] = TenantWindow(WindowTensors(stream.tenant_rows(t, name), stream.spec), index)
+    return out
+
+
+def _fm_labels(
+    cfg: ExperimentConfig, stream: Stream, full: list[WindowTensors], seed: int, progress: Progress | None
+) -> list[torch.Tensor | None]:
+    """FM logits [N, H] per window, from the FM trained through window t - delay (None: no FM yet)."""
+    torch.manual_seed(seed)
+    learner = FMLearner(build_fm(stream.spec, cfg.fm), cfg.fm, seed=seed)
+    labels: list[torch.Tensor | None] = [None] * len(full)
+    for k, rows in enumerate(full):
+        learner.train_window(rows)
+        target = k + cfg.fm_delay
+        if target < len(full):
+            labels[target] = learner.predict(full[target])[0]
+        if progress:
+            progress(1, f"seed {seed} fm window {k} ({count_parameters(learner.model):,} params)")
+    return labels
+
+
+def _run_student(
+    cfg: ExperimentConfig,
+    stream: Stream,
+    parts: list[dict[str, TenantWindow]],
+    seed: int,
+    variant_name: str,
+    tenant: str,
+    progress: Progress | None,
+) -> list[dict]:
+    spec = stream.spec
+    distill = variant(variant_name, **cfg.knobs.model_dump())
+    # Same init for every variant of a seed: the training-only heads are built after the shared parts.
+    torch.manual_seed(seed * 1000 + spec.tenant_names.index(tenant))
+    learner = StudentLearner(build_student(spec, tenant, cfg.student, distill), cfg.student, distill)
+    features, dense = learner.model.feature_names, spec.tenant(tenant).dense
+    out = []
+    for t, by_tenant in enumerate(parts):
+        if tenant in by_tenant:
+            rows = by_tenant[tenant].rows
+            preds = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
+            out.append(_record(seed, variant_name, tenant, t, rows.label, preds))
+            for b in rows.batches(cfg.student.batch_size, features, dense):
+                learner.step(b)
+        if progress:
+            progress(1, f"seed {seed} {variant_name} {tenant} window {t}")
+    return out
+
+
+def _record(seed: int, variant_name: str, tenant: str, t: int, y: torch.Tensor, p: torch.Tensor) -> dict:
+    return {"seed": seed, "variant": variant_name, "tenant": tenant, "window": t, **evaluate(y.numpy(), p.numpy())}
+
+
+def timed(fn: Callable[[], list[dict]]) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
+    if len(arr) == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

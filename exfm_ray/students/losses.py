@@ -1,0 +1,100 @@
+"""Every loss of ExFM student training, as pure functions (exfm-method.md sections 5-7).
+
+Notation: s serving logit, d FM aux logit, d2 SA aux logit, y true label, f FM logit (a logged
+constant), m FM mask. All per-row tensors are [B].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from exfm_ray.students.config import DistillConfig
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, beta: float) -> torch.Tensor:
+        ctx.beta = beta
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.beta, None
+
+
+def grad_scale(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by beta on the way back (gradient scaling)."""
+    return x if beta == 1.0 else _GradScale.apply(x, beta)
+
+
+def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row BCE-with-logits."""
+    return F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, norm: str = "mask") -> torch.Tensor:
+    """Mean over rows where mask is set; by mask count ('mask') or batch size ('batch'). 0 if empty."""
+    m = mask.to(values.dtype)
+    denom = m.sum() if norm == "mask" else torch.tensor(float(values.numel()))
+    return (values * m).sum() / denom.clamp(min=1.0)
+
+
+def fm_target(fm_logit: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label-scaled FM target min(1, alpha * p_F), detached: the FM label is a constant."""
+    return torch.clamp(alpha * torch.sigmoid(fm_logit.detach()), max=1.0)
+
+
+def serving_loss(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L_s: the serving head learns from true labels only."""
+    return bce(s, y).mean()
+
+
+def aux_fm_loss(d: torch.Tensor, fm_logit: torch.Tensor, mask: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """L_d: the aux head learns the (label-scaled) FM prediction."""
+    return masked_mean(bce(d, fm_target(fm_logit, cfg.alpha)), mask, cfg.mask_norm)
+
+
+def single_head_kd_loss(s: torch.Tensor, fm_logit: torch.Tensor, mask: torch.Tensor, cfg: DistillConfig):
+    """KD baseline's distillation term: the FM target pulls on the serving head itself."""
+    return masked_mean(bce(s, fm_target(fm_logit, cfg.alpha)), mask, cfg.mask_norm)
+
+
+def adapter_loss(sa_logit: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """L_sta (Eq. 6): the adapter maps the FM prediction onto the current window's true labels."""
+    return masked_mean(bce(sa_logit, y), mask, cfg.mask_norm)
+
+
+def aux_sa_loss(d2: torch.Tensor, t_sa: torch.Tensor, mask: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """L_sa (Eq. 7): the SA aux head learns the adapted label, under stop-gradient."""
+    return masked_mean(bce(d2, t_sa.detach()), mask, cfg.mask_norm)
+
+
+def student_loss(
+    s: torch.Tensor,
+    d: torch.Tensor | None,
+    d2: torch.Tensor | None,
+    y: torch.Tensor,
+    fm_logit: torch.Tensor,
+    mask: torch.Tensor,
+    t_sa: torch.Tensor | None,
+    cfg: DistillConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The VM objective of Algorithm 1 step 3 for the configured variant. Returns (loss, parts)."""
+    loss = serving_loss(s, y)
+    parts = {"serving": float(loss.detach())}
+    if cfg.mode == "single_head":
+        kd = single_head_kd_loss(s, fm_logit, mask, cfg)
+        loss = loss + cfg.w * kd
+        parts["kd"] = float(kd.detach())
+    elif cfg.mode == "aux_head":
+        assert d is not None
+        ld = aux_fm_loss(d, fm_logit, mask, cfg)
+        loss = loss + cfg.w * ld
+        parts["aux_fm"] = float(ld.detach())
+        if cfg.adapter:
+            assert d2 is not None and t_sa is not None
+            lsa = aux_sa_loss(d2, t_sa, mask, cfg)
+            loss = loss + cfg.w_sa * lsa
+            parts["aux_sa"] = float(lsa.detach())
+    return loss, parts

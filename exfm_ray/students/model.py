@@ -1,0 +1,153 @@
+"""Student (vertical model): small EBC over the tenant's features + MLP backbone + serving head,
+plus training-only parts: auxiliary head(s) for the FM target and the Student Adapter.
+
+Only `ebc`, `dense_proj`, `backbone` and `serving_head` make the serving path (`ServingStudent`);
+the aux heads and the adapter never leave training.
+Shape letters: B batch, F tenant features, D embedding dim, Z backbone output width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.mlp import MLP
+
+from exfm_ray.fm.model import pairwise_dots
+from exfm_ray.schema import StreamSpec
+from exfm_ray.students.config import DistillConfig, StudentConfig
+from exfm_ray.students.losses import grad_scale
+
+
+class StudentAdapter(nn.Module):
+    """Maps a stale FM prediction to a fresher logit (section 6): sa = f + MLP(x), x = f or p_F.
+
+    The 1 -> h -> 1 MLP learns a correction on top of the FM logit f; its last layer starts at
+    zero, so before the adapter has seen a label its target is the FM's own prediction rather
+    than the noise of a random MLP.
+    """
+
+    def __init__(self, hidden: int, use_logit: bool):
+        super().__init__()
+        self.use_logit = use_logit
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, fm_logit: torch.Tensor) -> torch.Tensor:
+        x = fm_logit if self.use_logit else torch.sigmoid(fm_logit)
+        return fm_logit + self.net(x.unsqueeze(1)).squeeze(1)
+
+
+class ServingStudent(nn.Module):
+    """The exported serving model: features -> probability. No aux head, no adapter, no FM."""
+
+    def __init__(self, ebc: EmbeddingBagCollection, dense_proj: nn.Module, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.ebc = ebc
+        self.dense_proj = dense_proj
+        self.backbone = backbone
+        self.serving_head = head
+        self.feature_names = [n for c in ebc.embedding_bag_configs() for n in c.feature_names]
+
+    def logit(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.serving_head(_backbone(self, sparse, dense)).squeeze(1)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(sparse, dense))
+
+
+@dataclass
+class StudentOutput:
+    """s: serving logit [B]; d: FM aux logit [B] or None; d2: SA aux logit [B] or None."""
+
+    s: torch.Tensor
+    d: torch.Tensor | None
+    d2: torch.Tensor | None
+
+
+class Student(nn.Module):
+    """A tenant's student.
+
+    Args:
+        features: sparse features the tenant's student sees (in input order).
+        cardinalities: table size per feature.
+        multi_valued: features pooled by mean.
+        num_dense: number of dense features.
+        cfg: StudentConfig (size dial).
+        distill: DistillConfig deciding which training-only parts exist.
+    """
+
+    def __init__(
+        self,
+        features: list[str],
+        cardinalities: dict[str, int],
+        multi_valued: set[str],
+        num_dense: int,
+        cfg: StudentConfig,
+        distill: DistillConfig,
+    ):
+        super().__init__()
+        d = cfg.embedding_dim
+        tables = [
+            EmbeddingBagConfig(
+                name=f"t_{f}",
+                embedding_dim=d,
+                num_embeddings=cardinalities[f],
+                feature_names=[f],
+                pooling=PoolingType.MEAN if f in multi_valued else PoolingType.SUM,
+            )
+            for f in features
+        ]
+        self.feature_names = list(features)
+        self.num_dense = num_dense
+        self.ebc = EmbeddingBagCollection(tables=tables)
+        self.dense_proj = nn.Linear(max(num_dense, 1), d)
+        num_vectors = len(features) + 1
+        self.backbone = MLP(num_vectors * d + num_vectors * (num_vectors - 1) // 2, cfg.hidden)
+        z = cfg.hidden[-1]
+        self.serving_head = nn.Linear(z, 1)
+        self.distill = distill
+        self.aux_fm = nn.Linear(z, 1) if distill.mode == "aux_head" else None
+        separate = distill.adapter and distill.sa_head == "separate"
+        self.aux_sa = nn.Linear(z, 1) if separate else None
+        self.adapter = StudentAdapter(distill.sa_hidden, distill.sa_input == "logit") if distill.adapter else None
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> StudentOutput:
+        z = _backbone(self, sparse, dense)  # [B, Z]
+        s = self.serving_head(z).squeeze(1)
+        d = d2 = None
+        if self.aux_fm is not None:
+            # Aux heads reach the backbone only through beta-scaled gradients; the serving
+            # head never sees the FM target.
+            zg = grad_scale(z, self.distill.beta)
+            d = self.aux_fm(zg).squeeze(1)
+            if self.adapter is not None:
+                d2 = (self.aux_sa or self.aux_fm)(zg).squeeze(1)
+        return StudentOutput(s, d, d2)
+
+    def serving_model(self) -> ServingStudent:
+        """The serving path only, sharing weights with this student."""
+        return ServingStudent(self.ebc, self.dense_proj, self.backbone, self.serving_head)
+
+    def training_only_parameters(self) -> list[nn.Parameter]:
+        parts = [m for m in (self.aux_fm, self.aux_sa) if m is not None]
+        return [p for m in parts for p in m.parameters()]
+
+
+def _backbone(m: Student | ServingStudent, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    pooled = m.ebc(sparse)
+    if dense.shape[1] == 0:
+        dense = torch.zeros(dense.shape[0], 1, device=dense.device)
+    vectors = torch.stack([*(pooled[n] for n in m.feature_names), m.dense_proj(dense)], dim=1)  # [B, F+1, D]
+    return m.backbone(torch.cat([vectors.flatten(1), pairwise_dots(vectors)], dim=1))
+
+
+def build_student(spec: StreamSpec, tenant: str, cfg: StudentConfig, distill: DistillConfig) -> Student:
+    t = spec.tenant(tenant)
+    cards = {f.name: f.cardinality for f in spec.sparse}
+    multi = {f.name for f in spec.sparse if f.multi_valued}
+    return Student(t.features, cards, multi, len(t.dense), cfg, distill)

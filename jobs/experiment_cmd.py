@@ -1,0 +1,62 @@
+"""`exfm experiment`: the streaming ExFM experiment in one process."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.recipes import experiment_recipe
+from jobs.settings import Settings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="run the streaming ExFM experiment and write a results table")
+    p.add_argument("--dataset", choices=["synthetic", "movielens", "frappe"], default="synthetic")
+    p.add_argument("--data", type=Path, help="your own CSV/Parquet file (with --mapping)")
+    p.add_argument("--mapping", type=Path, help="YAML mapping of your file's columns")
+    p.add_argument("--data-dir", type=Path, help="folder with movielens_100k/ and frappe/ (default EXFM_DATA_DIR)")
+    p.add_argument("--config", type=Path, help="full ExperimentConfig YAML (overrides the recipe)")
+    p.add_argument("--quick", action="store_true", help="small form: fewer windows and 3 seeds")
+    p.add_argument("--seeds", type=int, help="number of seeds")
+    p.add_argument("--fm-delay", type=int, help="FM delay in windows (0 = leaky oracle, diagnostic only)")
+    p.add_argument("--variants", help="comma-separated subset of vm_only,kd_single_head,ah,ah_sa")
+    p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    if args.config:
+        cfg = ExperimentConfig.from_yaml(args.config)
+    else:
+        dataset = "byo" if args.data or args.mapping else args.dataset
+        cfg = experiment_recipe(
+            dataset,
+            quick=args.quick,
+            data_dir=args.data_dir or Settings().resolved_data_dir(),
+            data_path=args.data,
+            mapping_path=args.mapping,
+        )
+    changes = {}
+    if args.seeds is not None:
+        changes["seeds"] = args.seeds
+    if args.fm_delay is not None:
+        changes["fm_delay"] = args.fm_delay
+    if args.variants:
+        changes["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return cfg.replace(**changes) if changes else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from exfm_ray.experiment.api import experiment
+
+    cfg = config_from_args(args)
+    results = experiment(cfg, args.out, show_progress=not args.no_progress)
+    print(Path(results["paths"]["markdown"]).read_text())
+    print(f"{results['load_report']}; {results['seconds']} s")
+    if results["leaky"]:
+        print("warning: --fm-delay 0 is a leaky oracle (FM trained on the window it labels); not a result")
+    for kind, path in results["paths"].items():
+        print(f"{kind}: {path}")
+    return 0

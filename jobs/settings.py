@@ -1,0 +1,22 @@
+"""Deployment settings, read once from the environment here in jobs/ and passed down."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXFM_")
+
+    data_dir: Path | None = Field(None, description="Folder with movielens_100k/ and frappe/ (EXFM_DATA_DIR).")
+    ray_address: str | None = Field(None, description="Ray cluster address; unset = a local Ray (EXFM_RAY_ADDRESS).")
+
+    def resolved_data_dir(self) -> Path | None:
+        """EXFM_DATA_DIR, else the team's ../shared/data beside the checkout, if present."""
+        if self.data_dir is not None:
+            return self.data_dir
+        beside = REPO.parent / "shared" / "data"
+        return beside if beside.is_dir() else None

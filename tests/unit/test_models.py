@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.fm.learner import FMLearner, head_logit
+from exfm_ray.fm.model import FMConfig, build_fm, count_parameters
+from exfm_ray.students.config import StudentConfig, variant
+from exfm_ray.students.model import ServingStudent, build_student
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return SyntheticStream(SyntheticConfig(num_windows=3, rows_per_window=800, num_tenants=2)).stream()
+
+
+def test_fm_outputs_one_logit_per_tenant_head_and_a_hidden_vector(stream):
+    fm = build_fm(stream.spec, FMConfig(size=2))
+    rows = WindowTensors(stream.windows[0], stream.spec)
+    b = rows.batch(0, 10, fm.feature_names)
+    out = fm(b.sparse, b.dense)
+    assert out.logits.shape == (10, len(stream.spec.tenants))
+    assert out.hidden.shape == (10, fm.hidden_dim)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_fm_size_dial_grows_the_model_and_builds_on_meta(stream):
+    sizes = [count_parameters(build_fm(stream.spec, FMConfig(size=s), device="meta")) for s in (1, 3, 6)]
+    assert sizes[0] < sizes[1] < sizes[2]
+    big = build_fm(stream.spec, FMConfig(size=6), device="meta")
+    assert all(p.is_meta for p in big.parameters())
+
+
+def test_fm_tables_are_sized_from_the_data(stream):
+    fm = build_fm(stream.spec, FMConfig(size=1))
+    rows = {c.feature_names[0]: c.num_embeddings for c in fm.ebc.embedding_bag_configs()}
+    assert rows == {f.name: f.cardinality for f in stream.spec.sparse}
+
+
+def test_fm_training_lowers_its_loss(stream):
+    torch.manual_seed(0)
+    cfg = FMConfig(size=2, epochs_per_window=3)
+    learner = FMLearner(build_fm(stream.spec, cfg), cfg)
+    rows = WindowTensors(stream.windows[0], stream.spec)
+    first = learner.train_window(rows)
+    for _ in range(3):
+        last = learner.train_window(rows)
+    assert last < first * 0.9
+    logits, hidden = learner.predict(rows)
+    assert logits.shape == (rows.num_rows, 2) and hidden.shape[0] == rows.num_rows
+
+
+def test_head_logit_picks_the_row_tenant_head():
+    logits = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    assert head_logit(logits, torch.tensor([1, 0, 1])).tolist() == [2.0, 3.0, 6.0]
+
+
+def test_serving_model_has_only_the_serving_path_and_same_prediction(stream):
+    spec = stream.spec
+    student = build_student(spec, "stories", StudentConfig(), variant("ah_sa"))
+    serving = student.serving_model()
+    assert isinstance(serving, ServingStudent)
+    names = {n for n, _ in serving.named_modules()}
+    assert not any(n.startswith(("aux_", "adapter")) for n in names)
+    assert count_parameters(serving) == count_parameters(student) - sum(
+        p.numel() for m in (student.aux_fm, student.aux_sa, student.adapter) for p in m.parameters()
+    )
+    t = spec.tenant("stories")
+    rows = WindowTensors(stream.tenant_rows(1, "stories"), spec)
+    b = rows.batch(0, 16, t.features, t.dense)
+    student.eval()
+    assert torch.allclose(serving(b.sparse, b.dense), torch.sigmoid(student(b.sparse, b.dense).s))
+
+
+def test_serving_graph_is_identical_with_and_without_distillation(stream):
+    spec = stream.spec
+    plain = build_student(spec, "feed", StudentConfig(), variant("vm_only")).serving_model()
+    distilled = build_student(spec, "feed", StudentConfig(), variant("ah_sa")).serving_model()
+    shapes = {n: p.shape for n, p in plain.named_parameters()}
+    assert shapes == {n: p.shape for n, p in distilled.named_parameters()}
+
+
+def test_student_is_smaller_than_the_fm(stream):
+    fm = build_fm(stream.spec, FMConfig())
+    student = build_student(stream.spec, "feed", StudentConfig(), variant("ah_sa"))
+    assert count_parameters(student.serving_model()) * 3 < count_parameters(fm)
