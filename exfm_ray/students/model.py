@@ -91,25 +91,12 @@ class Student(nn.Module):
         distill: DistillConfig,
     ):
         super().__init__()
-        d = cfg.embedding_dim
-        tables = [
-            EmbeddingBagConfig(
-                name=f"t_{f}",
-                embedding_dim=d,
-                num_embeddings=cardinalities[f],
-                feature_names=[f],
-                pooling=PoolingType.MEAN if f in multi_valued else PoolingType.SUM,
-            )
-            for f in features
-        ]
         self.feature_names = list(features)
         self.num_dense = num_dense
-        self.ebc = EmbeddingBagCollection(tables=tables)
-        self.dense_proj = nn.Linear(max(num_dense, 1), d)
-        num_vectors = len(features) + 1
-        self.backbone = MLP(num_vectors * d + num_vectors * (num_vectors - 1) // 2, cfg.hidden)
+        self.ebc, self.dense_proj, self.backbone, self.serving_head = serving_parts(
+            features, cardinalities, multi_valued, num_dense, cfg
+        )
         z = cfg.hidden[-1]
-        self.serving_head = nn.Linear(z, 1)
         self.distill = distill
         self.aux_fm = nn.Linear(z, 1) if distill.mode == "aux_head" else None
         separate = distill.adapter and distill.sa_head == "separate"
@@ -136,6 +123,29 @@ class Student(nn.Module):
     def training_only_parameters(self) -> list[nn.Parameter]:
         parts = [m for m in (self.aux_fm, self.aux_sa) if m is not None]
         return [p for m in parts for p in m.parameters()]
+
+
+def serving_parts(
+    features: list[str], cardinalities: dict[str, int], multi_valued: set[str], num_dense: int, cfg: StudentConfig
+) -> tuple[EmbeddingBagCollection, nn.Linear, MLP, nn.Linear]:
+    """The modules of the serving path, shared by Student (training) and ServingStudent (export)."""
+    d = cfg.embedding_dim
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{f}",
+            embedding_dim=d,
+            num_embeddings=cardinalities[f],
+            feature_names=[f],
+            pooling=PoolingType.MEAN if f in multi_valued else PoolingType.SUM,
+        )
+        for f in features
+    ]
+    num_vectors = len(features) + 1
+    # Creation order fixes the random init: keep ebc, dense_proj, backbone, head.
+    ebc = EmbeddingBagCollection(tables=tables)
+    dense_proj = nn.Linear(max(num_dense, 1), d)
+    backbone = MLP(num_vectors * d + num_vectors * (num_vectors - 1) // 2, cfg.hidden)
+    return ebc, dense_proj, backbone, nn.Linear(cfg.hidden[-1], 1)
 
 
 def _backbone(m: Student | ServingStudent, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,22 @@ def test_student_is_smaller_than_the_fm(stream):
     fm = build_fm(stream.spec, FMConfig())
     student = build_student(stream.spec, "feed", StudentConfig(), variant("ah_sa"))
     assert count_parameters(student.serving_model()) * 3 < count_parameters(fm)
+
+
+def test_student_checkpoint_round_trip_gives_the_same_probabilities(stream, tmp_path):
+    from exfm_ray.students.checkpoint import load_serving, read_meta, save_student, student_meta
+
+    spec = stream.spec
+    cfg = StudentConfig()
+    student = build_student(spec, "feed", cfg, variant("ah_sa"))
+    meta = student_meta(spec, "feed", cfg, version="v1", window=2, fm_versions=["fm-3"])
+    path = save_student(student, meta, tmp_path / "feed" / "v1")
+    state = torch.load(path / "serving.pt", weights_only=True)
+    assert not any(k.startswith(("aux_", "adapter")) for k in state)
+    served, meta2 = load_serving(path)
+    assert meta2 == meta and read_meta(path).schema_hash() == meta.schema_hash()
+    t = spec.tenant("feed")
+    rows = WindowTensors(stream.tenant_rows(2, "feed"), spec)
+    b = rows.batch(0, 32, t.features, t.dense)
+    student.eval()
+    assert torch.allclose(served(b.sparse, b.dense), torch.sigmoid(student(b.sparse, b.dense).s))

@@ -1,0 +1,111 @@
+"""The streaming protocol and the experiment's outputs, on a tiny synthetic stream."""
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.data.stream import Stream
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.experiment.api import experiment
+from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.runner import _fm_labels, run_experiment
+from exfm_ray.fm.model import FMConfig
+
+pytestmark = pytest.mark.unit
+
+TINY = {"num_windows": 4, "rows_per_window": 1500, "num_tenants": 2, "num_users": 200, "num_ads": 50}
+
+
+def tiny_cfg(**changes) -> ExperimentConfig:
+    base = {
+        "source": {"dataset": "synthetic", "synthetic": TINY},
+        "fm": {"size": 1, "epochs_per_window": 1},
+        "seeds": 1,
+    }
+    return ExperimentConfig.parse({**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def stream() -> Stream:
+    return SyntheticStream(SyntheticConfig(**TINY)).stream()
+
+
+def _flip_labels(stream: Stream, t: int) -> Stream:
+    windows = list(stream.windows)
+    w = windows[t]
+    i = w.schema.get_field_index("label_click")
+    windows[t] = w.set_column(i, "label_click", pc.subtract(pa.scalar(1.0, pa.float32()), w.column("label_click")))
+    return Stream(stream.spec, windows, stream.report)
+
+
+@pytest.mark.parametrize("delay", [1, 2])
+def test_fm_labels_of_a_window_never_see_that_window(stream, delay):
+    cfg = tiny_cfg(fm_delay=delay)
+    full = [WindowTensors(w, stream.spec) for w in stream.windows]
+    a = _fm_labels(cfg, stream, full, seed=0, progress=None)
+    flipped = _flip_labels(stream, 2)
+    b = _fm_labels(cfg, flipped, [WindowTensors(w, stream.spec) for w in flipped.windows], seed=0, progress=None)
+    assert all(x is None for x in a[:delay])  # nothing trained yet: masked
+    for t in range(delay, 3):
+        assert torch.equal(a[t], b[t]), f"window {t} labels changed when window 2's labels changed"
+    if 2 + delay < len(a):
+        assert not torch.equal(a[2 + delay], b[2 + delay])  # ... and later windows do learn from it
+
+
+def test_records_cover_every_variant_tenant_window_and_fm_starts_after_the_delay(stream):
+    cfg = tiny_cfg()
+    records = run_experiment(cfg, stream)
+    keys = {(r["variant"], r["tenant"], r["window"]) for r in records}
+    for v in cfg.variants:
+        for tenant in stream.spec.tenant_names:
+            assert {(v, tenant, t) for t in range(4)} <= keys
+    assert {r["window"] for r in records if r["variant"] == "fm"} == {1, 2, 3}
+    # Progressive validation: window 0 is scored before any training, so every variant agrees there.
+    first = {r["variant"]: r["ne"] for r in records if r["window"] == 0 and r["tenant"] == "feed"}
+    assert len({round(x, 6) for x in first.values()}) == 1
+    rows = {r["window"]: r["rows"] for r in records if r["variant"] == "vm_only" and r["tenant"] == "feed"}
+    assert rows == {t: stream.tenant_rows(t, "feed").num_rows for t in range(4)}
+
+
+def test_experiment_writes_json_markdown_and_png(tmp_path):
+    results = experiment(tiny_cfg(seeds=2, variants=["vm_only", "ah_sa"]), tmp_path, show_progress=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["summary"]) == {"fm", "vm_only", "ah_sa"}
+    for s in data["summary"].values():
+        assert {"ne_mean", "ne_std", "auc_mean"} <= set(s)
+        assert s["seeds"] == 2 and 0.3 < s["ne_mean"] < 1.5
+    assert data["summary"]["vm_only"]["ne_change_vs_vm_only_pct"] == 0.0
+    per_window = data["per_window"]["ah_sa"]["feed"]
+    assert [p["window"] for p in per_window] == [0, 1, 2, 3]
+    assert all({"ne", "auc", "calibration", "rows"} <= set(p) for p in per_window)
+    md = (tmp_path / "results.md").read_text()
+    assert "| ah_sa |" in md and "| fm |" in md
+    img = matplotlib.image.imread(tmp_path / "ne_per_window.png")
+    assert img.shape[0] > 200 and img.shape[1] > 400 and np.std(img) > 0.01
+    assert results["paths"]["json"].endswith("results.json")
+
+
+def test_fm_delay_zero_is_flagged_leaky(tmp_path):
+    results = experiment(tiny_cfg(fm_delay=0, variants=["vm_only"]), tmp_path, show_progress=False)
+    assert results["leaky"] is True
+    assert "leaky oracle" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_variant_is_rejected_naming_the_field():
+    from exfm_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="variants"):
+        tiny_cfg(variants=["vm_only", "magic"])
+
+
+def test_fm_config_rejects_bad_sizes():
+    from exfm_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="size"):
+        FMConfig.parse({"size": 0})
