@@ -105,3 +105,23 @@ def test_student_checkpoint_round_trip_gives_the_same_probabilities(stream, tmp_
     b = rows.batch(0, 32, t.features, t.dense)
     student.eval()
     assert torch.allclose(served(b.sparse, b.dense), torch.sigmoid(student(b.sparse, b.dense).s))
+
+
+def test_student_store_publishes_atomically_and_serves_the_latest(stream, tmp_path):
+    from exfm_ray.errors import ConfigError
+    from exfm_ray.students.checkpoint import student_meta
+    from exfm_ray.students.store import StudentStore
+
+    spec, cfg = stream.spec, StudentConfig()
+    store = StudentStore(tmp_path)
+    assert store.tenants() == [] and store.latest("feed") is None
+    a = build_student(spec, "feed", cfg, variant("vm_only"))
+    b = build_student(spec, "feed", cfg, variant("vm_only"))
+    store.publish(a, student_meta(spec, "feed", cfg, version="w0001", window=1))
+    store.publish(b, student_meta(spec, "feed", cfg, version="w0002", window=2))
+    assert store.tenants() == ["feed"] and store.latest("feed").version == "w0002"
+    served, meta = store.load_latest("feed")
+    assert meta.window == 2
+    assert all(torch.equal(served.state_dict()[k], v) for k, v in b.serving_model().state_dict().items())
+    with pytest.raises(ConfigError, match="tenant"):
+        store.publish(a, student_meta(spec, "feed", cfg, version="v1", window=1).replace(tenant="../evil"))

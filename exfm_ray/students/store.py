@@ -1,0 +1,88 @@
+"""Published student checkpoints on shared storage: what serving reads.
+
+Layout (a filesystem path; on a cluster, storage every node mounts):
+
+    <root>/students/<tenant>/versions/<version>/serving.pt, meta.json
+    <root>/students/<tenant>/LATEST.json        {"version": ..., "published_at": ...}
+
+Publishing writes the version folder first and then swaps LATEST.json atomically (write to a temp
+file, os.replace), so a reader sees either the previous or the new version, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from exfm_ray.errors import ConfigError, ExfmError
+from exfm_ray.students.checkpoint import StudentMeta, load_serving, read_meta, save_student
+from exfm_ray.students.model import ServingStudent, Student
+
+LATEST = "LATEST.json"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class Published:
+    tenant: str
+    version: str
+    path: Path
+    published_at: float
+
+
+class StudentStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "students"
+
+    def publish(self, student: Student, meta: StudentMeta) -> Published:
+        _check_name(meta.tenant, "tenant")
+        _check_name(meta.version, "version")
+        path = save_student(student, meta, self.root / meta.tenant / "versions" / meta.version)
+        published = Published(meta.tenant, meta.version, path, time.time())
+        _atomic_write(
+            self.root / meta.tenant / LATEST,
+            json.dumps({"version": meta.version, "published_at": published.published_at}),
+        )
+        return published
+
+    def latest(self, tenant: str) -> Published | None:
+        pointer = self.root / tenant / LATEST
+        if not pointer.exists():
+            return None
+        data = json.loads(pointer.read_text())
+        path = self.root / tenant / "versions" / data["version"]
+        return Published(tenant, data["version"], path, data["published_at"])
+
+    def tenants(self) -> list[str]:
+        """Tenants with a published checkpoint."""
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / LATEST).exists())
+
+    def load_latest(self, tenant: str) -> tuple[ServingStudent, StudentMeta]:
+        pub = self.latest(tenant)
+        if pub is None:
+            raise ExfmError(f"tenant {tenant!r} has no published checkpoint under {self.root}")
+        return load_serving(pub.path)
+
+    def latest_meta(self, tenant: str) -> StudentMeta | None:
+        pub = self.latest(tenant)
+        return read_meta(pub.path) if pub else None
+
+
+def _check_name(value: str, field: str) -> None:
+    if not _NAME.match(value):
+        raise ConfigError(f"{field} {value!r} must use only letters, digits, '_', '.', '-'")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
