@@ -22,3 +22,9 @@ class DataError(ExfmError, ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.column = column
         self.row = row
+
+
+class FMUnavailable(ExfmError):
+    """The FM group cannot answer now (a gang is rebuilding or not started). Retryable."""
+
+    retryable = True

@@ -155,6 +155,36 @@ def validate_table(table: pa.Table, spec: StreamSpec, *, labels_required: bool =
     return table
 
 
+def validate_features(table: pa.Table, spec: StreamSpec) -> pa.Table:
+    """Check only the model inputs (sparse and dense features) and return just those columns, cast.
+
+    What the FM needs to label a batch; raises DataError naming the column (and row).
+    """
+    fields = [f for f in arrow_schema(spec) if f.name in set(spec.sparse_names) | set(spec.dense)]
+    cols = []
+    for field in fields:
+        if field.name not in table.column_names:
+            raise DataError("missing column", column=field.name)
+        col = table.column(field.name)
+        try:
+            cols.append(col.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"expected {field.type}, got {col.type} ({exc})", column=field.name) from None
+    out = pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    for f in spec.sparse:
+        _check_ids(out, f)
+    for name in spec.dense:
+        col = out.column(name)
+        if col.null_count:
+            raise DataError("null dense value", column=name, row=_first_row(col.is_null()))
+        values = col.to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            raise DataError(
+                "dense value is NaN or infinite", column=name, row=int(np.flatnonzero(~np.isfinite(values))[0])
+            )
+    return out
+
+
 def _first_row(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
 

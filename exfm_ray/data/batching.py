@@ -64,9 +64,15 @@ class WindowTensors:
             self.values[f.name] = torch.from_numpy(np.array(values, dtype=np.int64))
         dense = [table.column(d).to_numpy(zero_copy_only=False).astype(np.float32) for d in spec.dense]
         self.dense = torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(self.num_rows, 0)
-        self.tenant = torch.from_numpy(_tenant_index(table, spec))
-        self.label = torch.from_numpy(_row_labels(table, spec, self.tenant.numpy()))
-        self.example_id = torch.from_numpy(np.array(table.column("example_id").to_numpy()))
+        # Feature-only tables (e.g. a batch to label) have no tenant, label or id columns.
+        names = set(table.column_names)
+        n = self.num_rows
+        self.tenant = torch.from_numpy(_tenant_index(table, spec) if "tenant" in names else np.zeros(n, np.int64))
+        has_labels = "tenant" in names and all(label_column(t) in names for t in spec.tasks)
+        labels = _row_labels(table, spec, self.tenant.numpy()) if has_labels else np.full(n, np.nan, np.float32)
+        self.label = torch.from_numpy(labels)
+        ids = table.column("example_id").to_numpy() if "example_id" in names else np.arange(n)
+        self.example_id = torch.from_numpy(np.array(ids, dtype=np.int64))
         if FM_LOGIT in table.column_names:
             self.fm_logit = torch.from_numpy(pc.fill_null(table.column(FM_LOGIT), 0.0).to_numpy().astype(np.float32))
             self.fm_mask = torch.from_numpy(

@@ -12,14 +12,13 @@ file, os.replace), so a reader sees either the previous or the new version, neve
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from exfm_ray.errors import ConfigError, ExfmError
+from exfm_ray.files import atomic_write
 from exfm_ray.students.checkpoint import StudentMeta, load_serving, read_meta, save_student
 from exfm_ray.students.model import ServingStudent, Student
 
@@ -44,7 +43,7 @@ class StudentStore:
         _check_name(meta.version, "version")
         path = save_student(student, meta, self.root / meta.tenant / "versions" / meta.version)
         published = Published(meta.tenant, meta.version, path, time.time())
-        _atomic_write(
+        atomic_write(
             self.root / meta.tenant / LATEST,
             json.dumps({"version": meta.version, "published_at": published.published_at}),
         )
@@ -78,11 +77,3 @@ class StudentStore:
 def _check_name(value: str, field: str) -> None:
     if not _NAME.match(value):
         raise ConfigError(f"{field} {value!r} must use only letters, digits, '_', '.', '-'")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -1,0 +1,57 @@
+"""The one place where actor classes become Ray actors, and how jobs find them."""
+
+from __future__ import annotations
+
+import ray
+
+from actors.fm_group import FMGroup, FMGroupConfig
+from actors.fm_shard import FMShard
+from exfm_ray.errors import ExfmError
+
+
+def shard_actor_class():
+    return ray.remote(FMShard)
+
+
+def start_fm_group(cfg: FMGroupConfig, *, version: str | None = None, detached: bool = True):
+    """Create the named supervisor (detached: it outlives the job that started it) and its gangs."""
+    if find_fm_group(cfg.name, cfg.namespace) is not None:
+        raise ExfmError(f"an FM group named {cfg.name!r} is already running in namespace {cfg.namespace!r}")
+    handle = (
+        ray.remote(FMGroup)
+        .options(
+            name=cfg.name,
+            namespace=cfg.namespace,
+            lifetime="detached" if detached else None,
+            num_cpus=0,
+            max_concurrency=1000,
+        )
+        .remote(cfg)
+    )
+    ray.get(handle.start.remote(version))
+    return handle
+
+
+def find_fm_group(name: str = "exfm-fm", namespace: str = "exfm"):
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def get_fm_group(name: str = "exfm-fm", namespace: str = "exfm"):
+    handle = find_fm_group(name, namespace)
+    if handle is None:
+        raise ExfmError(
+            f"no FM group named {name!r} is running in namespace {namespace!r}; start one with exfm fm start"
+        )
+    return handle
+
+
+def stop_fm_group(name: str = "exfm-fm", namespace: str = "exfm") -> bool:
+    handle = find_fm_group(name, namespace)
+    if handle is None:
+        return False
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle, no_restart=True)
+    return True

@@ -1,0 +1,107 @@
+"""The only module that knows TorchRec planners, sharders, DistributedModelParallel and DCP.
+
+The FM is built on `meta`, planned collectively (rank 0 plans, everyone receives the plan),
+sharded with DMP, and loaded from a torch.distributed.checkpoint folder. DCP checkpoints are
+reshardable: one saved by an unsharded model, or by a 2-rank table-wise job, loads into any
+other sharding. The process-group backend is configuration (gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from pydantic import Field, model_validator
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from exfm_ray.configbase import Config
+from exfm_ray.fm.model import FoundationModel
+
+ShardingType = Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]
+CUDA_ONLY = {"row_wise", "table_row_wise"}
+
+
+class ShardingConfig(Config):
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="Process-group backend: gloo (CPU) or nccl (GPU).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the FM's shards live.")
+    sharding_type: ShardingType | None = Field(
+        None, description="Force one sharding type for every table; None lets TorchRec's planner choose."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShardingConfig:
+        if self.device == "cpu" and self.sharding_type in CUDA_ONLY:
+            raise ValueError(
+                f"sharding_type {self.sharding_type} needs CUDA (TorchRec offers it only for cuda); "
+                "plan it with `exfm plan`, run it on GPUs"
+            )
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend nccl needs device cuda")
+        return self
+
+
+def shard(
+    model: FoundationModel,
+    cfg: ShardingConfig,
+    pg: dist.ProcessGroup | None = None,
+    *,
+    embedding_lr: float | None = None,
+) -> DistributedModelParallel:
+    """Shard a (meta-device) FM over the process group. With embedding_lr, the tables train with
+    fused row-wise Adagrad inside the embedding kernels (set before sharding, as TorchRec requires)."""
+    pg = pg or dist.GroupMember.WORLD
+    device = torch.device(cfg.device, torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    if embedding_lr is not None:
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+        apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": embedding_lr})
+    sharders = [EmbeddingBagCollectionSharder()]
+    constraints = None
+    if cfg.sharding_type is not None:
+        constraints = {
+            t.name: ParameterConstraints(sharding_types=[cfg.sharding_type]) for t in model.ebc.embedding_bag_configs()
+        }
+    topology = Topology(world_size=dist.get_world_size(pg), compute_device=cfg.device)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False)
+    plan = planner.collective_plan(model, sharders, pg)
+    return DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders
+    )
+
+
+def plan_summary(plan: ShardingPlan) -> dict[str, dict]:
+    """{table: {"sharding_type": ..., "ranks": [...]}} for checkpoint metadata and status."""
+    out = {}
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            out[table] = {"sharding_type": ps.sharding_type, "ranks": list(ps.ranks or [])}
+    return out
+
+
+def dense_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
+    """Fused row-wise Adagrad on the sharded tables (already inside the kernels) + Adam on the rest."""
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    adam = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=lr))
+    return CombinedOptimizer([model.fused_optimizer, adam])
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Collective when sharded: every rank writes its own shards."""
+    dcp.save(model.state_dict(), checkpoint_id=str(path))
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a DCP checkpoint into any sharding (or none); collective when sharded."""
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state)
