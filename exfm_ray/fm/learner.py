@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import torch
+from torch import nn
 
 from exfm_ray.data.batching import Batch, WindowTensors
-from exfm_ray.fm.model import FMConfig, FoundationModel
+from exfm_ray.fm.model import FMConfig
 from exfm_ray.optim import SplitOptimizer
 from exfm_ray.students.losses import bce
 
@@ -21,11 +23,24 @@ class FMLearner:
     Each row trains the head of the tenant that logged it; the trunk sees every tenant's traffic.
     """
 
-    def __init__(self, model: FoundationModel, cfg: FMConfig, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: FMConfig,
+        seed: int = 0,
+        *,
+        optimizer=None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """`model` is the FM or its DMP-sharded wrapper; a sharded job passes its fused optimizer
+        and its rank, and every rank then trains on its own slice of each global batch."""
         self.model = model
         self.cfg = cfg
-        self.opt = SplitOptimizer(model, cfg.lr, cfg.embedding_lr)
+        self.opt = optimizer or SplitOptimizer(model, cfg.lr, cfg.embedding_lr)
         self.gen = torch.Generator().manual_seed(seed)
+        self.rank = rank
+        self.world_size = world_size
         self.windows_trained = 0
 
     def step(self, batch: Batch) -> float:
@@ -38,22 +53,45 @@ class FMLearner:
         return float(loss.detach())
 
     def train_window(self, rows: WindowTensors) -> float:
-        """cfg.epochs_per_window passes over the window, batches in a seeded random order."""
+        """cfg.epochs_per_window passes over the window, global batches in a seeded random order.
+
+        A global batch holds batch_size rows per rank; rank r trains on its r-th slice, so every
+        rank takes the same number of steps (the collectives of a sharded FM need that). The
+        caller pads the window to a multiple of world_size * batch_size (`pad_rows`).
+        """
+        b = self.cfg.batch_size
+        features = list(self.model_feature_names)
+        starts = list(range(0, rows.num_rows, b * self.world_size))
         losses = []
-        batches = rows.batches(self.cfg.batch_size, self.model.feature_names)
         for _ in range(self.cfg.epochs_per_window):
-            for i in torch.randperm(len(batches), generator=self.gen).tolist():
-                losses.append(self.step(batches[i]))
+            for i in torch.randperm(len(starts), generator=self.gen).tolist():
+                lo = starts[i] + self.rank * b
+                losses.append(self.step(rows.batch(lo, min(lo + b, rows.num_rows), features)))
         self.windows_trained += 1
         return sum(losses) / max(len(losses), 1)
+
+    @property
+    def model_feature_names(self) -> list[str]:
+        model = getattr(self.model, "module", self.model)  # DMP wraps the FM in .module
+        return model.feature_names
 
     @torch.no_grad()
     def predict(self, rows: WindowTensors, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """All heads' logits [N, H] and hidden [N, Dh] for every row."""
         self.model.eval()
         logits, hidden = [], []
-        for b in rows.batches(batch_size, self.model.feature_names):
+        for b in rows.batches(batch_size, self.model_feature_names):
             out = self.model(b.sparse, b.dense)
             logits.append(out.logits)
             hidden.append(out.hidden)
         return torch.cat(logits), torch.cat(hidden)
+
+
+def pad_rows(table: pa.Table, multiple: int) -> pa.Table:
+    """Repeat rows from the start so the row count is a multiple of `multiple` (equal rank steps)."""
+    missing = -table.num_rows % multiple
+    while missing:
+        extra = table.slice(0, min(missing, table.num_rows))
+        table = pa.concat_tables([table, extra])
+        missing -= extra.num_rows
+    return table

@@ -114,6 +114,24 @@ class FoundationModel(nn.Module):
             self.heads = nn.Linear(sizes.hidden[-1], len(heads))
         self.num_dense = num_dense
 
+    @torch.no_grad()
+    def reset_dense_parameters(self) -> None:
+        """Initialize every non-embedding weight in place.
+
+        A model built on `meta` and sharded by DMP gets its dense weights materialized, but DMP
+        calls reset_parameters() only on modules that define it, and LowRankCrossNet keeps its
+        kernels in ParameterLists that do not: they would hold uninitialized memory (NaN). A fresh
+        sharded FM calls this once, with the same seed on every rank.
+        """
+        for module in (self.dense_proj, self.deep, self.heads):
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    sub.reset_parameters()
+        for w in [*self.cross.W_kernels, *self.cross.V_kernels]:
+            nn.init.xavier_normal_(w)
+        for b in self.cross.bias:
+            nn.init.zeros_(b)
+
     @property
     def hidden_dim(self) -> int:
         return self.heads.in_features

@@ -18,7 +18,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -71,8 +73,18 @@ def shard(
         constraints = {
             t.name: ParameterConstraints(sharding_types=[cfg.sharding_type]) for t in model.ebc.embedding_bag_configs()
         }
-    topology = Topology(world_size=dist.get_world_size(pg), compute_device=cfg.device)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False)
+    world = dist.get_world_size(pg)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world, local_world_size=world if cfg.device == "cpu" else None),
+        kernel_config=KernelConfig(compute_device=cfg.device),
+    )
+    # The default heuristic reservation over-counts the dense part; a fixed share is predictable.
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+        debug=False,
+    )
     plan = planner.collective_plan(model, sharders, pg)
     return DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders

@@ -13,6 +13,10 @@ FROZEN = {
         "--dataset", "--data", "--mapping", "--data-dir", "--config", "--quick", "--seeds",
         "--fm-delay", "--variants", "--out", "--no-progress",
     },
+    "plan": {
+        "--fm-params", "--tables", "--gpus", "--hbm-gb", "--ddr-gb", "--local-world-size", "--embedding-dim",
+        "--json",
+    },
 }  # fmt: skip
 
 

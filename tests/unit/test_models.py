@@ -125,3 +125,14 @@ def test_student_store_publishes_atomically_and_serves_the_latest(stream, tmp_pa
     assert all(torch.equal(served.state_dict()[k], v) for k, v in b.serving_model().state_dict().items())
     with pytest.raises(ConfigError, match="tenant"):
         store.publish(a, student_meta(spec, "feed", cfg, version="v1", window=1).replace(tenant="../evil"))
+
+
+def test_fm_built_on_meta_and_materialized_gets_finite_weights_from_reset(stream):
+    fm = build_fm(stream.spec, FMConfig(size=1), device="meta")
+    fm.to_empty(device="cpu")  # what sharding does to dense meta weights: uninitialized memory
+    torch.manual_seed(0)
+    fm.reset_dense_parameters()
+    for w in fm.cross.W_kernels:
+        assert torch.isfinite(w).all() and 0.01 < w.std() < 1.0
+    assert all(torch.count_nonzero(b) == 0 for b in fm.cross.bias)
+    assert torch.isfinite(fm.heads.weight).all()

@@ -1,0 +1,431 @@
+"""Plan the sharding of a huge FM on a GPU cluster that does not exist yet, from a CPU machine.
+
+`plan_fm(spec)` lays out embedding tables that add up to `spec.fm_params` parameters (or takes the
+tables the user lists), builds the real `FoundationModel` on the `meta` device (no memory is
+allocated, so 1e12 parameters are fine on a laptop), and runs TorchRec's `EmbeddingShardingPlanner`
+on a simulated topology (`TopologyFactory`, dry run): `gpus` ranks of `hbm_gb` HBM each, `ddr_gb`
+host memory per rank for UVM. It returns a `PlanReport`: per-rank memory, the sharding type and
+kernel of every table, and whether the plan fits. A plan that does not fit is a result
+(`fits=False` with the planner's reason), not an exception.
+
+What is counted, per rank, in `per_rank_hbm_gb` (the planner's own storage estimate of each shard):
+  - embedding weights, fp32 (4 bytes per value);
+  - optimizer state of the tables: row-wise Adagrad (the default, what the FM trains with) keeps
+    1 fp32 per row, i.e. weights x (1 + 1/dim); `adagrad` 1 value per weight (x2), `adam` 2 (x3),
+    `sgd` none. It is declared to the planner with `apply_optimizer_in_backward`, the way TorchRec
+    reads it;
+  - the shard's input (KJT ids) and output (pooled embeddings) buffers for `batch_size` samples
+    per rank and one id per feature and sample (TorchRec's default pooling factor);
+  - for `fused_uvm_caching` tables: the HBM cache (20% of the shard's rows, TorchRec's default
+    load factor) plus its bookkeeping; the full shard then sits in `per_rank_ddr_gb`.
+Not in it: `reserve_fraction` of every GPU's HBM is set aside before planning
+(`FixedPercentageStorageReservation`) for what is not sharded: the FM's dense layers (data-parallel,
+tiny next to the tables: `dense_params`), their gradients and Adam state, activations, NCCL buffers
+and the CUDA context. So a plan fits when every rank's shards fit in `hbm_gb * (1 - reserve_fraction)`.
+
+GB means GiB (2**30 bytes) everywhere, inputs included, as in TorchRec's planner output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torchrec.optim as trec_optim
+import yaml
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    PlannerError,
+    ShardingOption,
+    Stats,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from exfm_ray.configbase import Config
+from exfm_ray.errors import ConfigError
+from exfm_ray.fm.model import FMConfig, FoundationModel, count_parameters
+
+GiB = 2**30
+BYTES_PER_VALUE = 4  # fp32 tables, as the EBC builds them
+NUM_DENSE_FEATURES = 13  # dense inputs of the planned FM (Criteo-like); only sizes its tiny dense projection
+SMALL_TABLE_DECAY = 0.8  # each small table holds 0.8x the rows of the previous one
+LARGE_TABLE_NAMES = ("user_id", "ad_id", "advertiser_id", "page_id")
+# The planner warns on the root logger for every data-parallel table ("no sharding spec"): expected, not news.
+DATA_PARALLEL_NOISE = "Sharding spec not found for "
+OPTIMIZER_STATE_PER_WEIGHT = {"rowwise_adagrad": None, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}  # None: 1/dim
+
+
+class TableSpec(Config):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Table (and feature) name.")
+    rows: int = Field(ge=1, description="Number of embedding rows (ids).")
+    dim: int | None = Field(
+        None, gt=0, multiple_of=4, description="Embedding dim (FBGEMM needs a multiple of 4); default embedding_dim."
+    )
+
+
+class PlanSpec(Config):
+    """What to plan: the model (fm_params or tables) and the simulated cluster."""
+
+    fm_params: float | None = Field(
+        None, ge=1e6, description="Target parameter count of the FM (e.g. 1e12); the tables are laid out to reach it."
+    )
+    tables: list[TableSpec] | None = Field(
+        None, min_length=1, description="Explicit tables instead of fm_params (one feature per table)."
+    )
+    gpus: int = Field(ge=1, description="Number of GPUs (ranks, world size) in the simulated cluster.")
+    local_world_size: int = Field(8, ge=1, validate_default=True, description="GPUs per host.")
+    hbm_gb: float = Field(gt=0, description="HBM per GPU, GiB.")
+    ddr_gb: float = Field(
+        0, ge=0, description="Host memory per GPU (rank) usable for UVM tables, GiB; 0 = tables must fit in HBM."
+    )
+    embedding_dim: int = Field(128, gt=0, multiple_of=4, description="Embedding dim of the laid-out tables.")
+    num_tables: int = Field(26, ge=1, description="Number of laid-out tables (one sparse feature each).")
+    num_large_tables: int = Field(
+        4, ge=1, validate_default=True, description="Very large id tables (user, ad, ...) among num_tables."
+    )
+    large_share: float = Field(
+        0.9, gt=0, le=1, description="Share of the embedding parameters held by the large tables."
+    )
+    batch_size: int = Field(4096, ge=1, description="Training batch size per rank (sizes the planner's I/O buffers).")
+    compute_device: Literal["cuda", "cpu"] = Field("cuda", description="Device kind of the simulated ranks.")
+    reserve_fraction: float = Field(
+        0.15, ge=0, lt=1, description="Share of each GPU's HBM kept for the dense part, activations and buffers."
+    )
+    optimizer: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = Field(
+        "rowwise_adagrad", description="Embedding optimizer, whose state the planner counts."
+    )
+    timeout_s: int | None = Field(
+        30,
+        gt=0,
+        description="Stop the planner's search after this long and keep the best plan so far (None: no limit).",
+    )
+
+    @field_validator("tables")
+    @classmethod
+    def _unique_names(cls, tables: list[TableSpec] | None) -> list[TableSpec] | None:
+        dupes = sorted(n for n, c in Counter(t.name for t in tables or []).items() if c > 1)
+        if dupes:
+            raise ValueError(f"duplicate table names {dupes}")
+        return tables
+
+    @field_validator("local_world_size")
+    @classmethod
+    def _whole_hosts(cls, local: int, info: ValidationInfo) -> int:
+        gpus = info.data.get("gpus")
+        if gpus is not None and gpus > local and gpus % local:
+            raise ValueError(f"gpus ({gpus}) must be a multiple of local_world_size ({local})")
+        return local
+
+    @field_validator("num_large_tables")
+    @classmethod
+    def _large_among_all(cls, large: int, info: ValidationInfo) -> int:
+        total = info.data.get("num_tables")
+        if total is not None and large > total:
+            raise ValueError(f"more large tables ({large}) than num_tables ({total})")
+        return large
+
+    @model_validator(mode="after")
+    def _one_model(self) -> PlanSpec:
+        if (self.fm_params is None) == (self.tables is None):
+            raise ValueError("give either fm_params or tables (not both, not neither)")
+        return self
+
+
+def load_tables(path: str | Path) -> list[dict[str, Any]]:
+    """Read a table list from YAML or JSON: a list of {name, rows, dim?}, or a mapping with key `tables`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+    if isinstance(data, dict) and set(data) == {"tables"}:
+        data = data["tables"]
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise ConfigError(f"{path}: expected a list of tables ({{name, rows, dim}}) or a mapping with key 'tables'")
+    return data
+
+
+@dataclass
+class TablePlan:
+    name: str
+    rows: int
+    dim: int
+    sharding_type: str | None = None
+    compute_kernel: str | None = None
+    shards: int = 0
+    hbm_gb: float = 0.0
+    ddr_gb: float = 0.0
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.dim
+
+
+@dataclass
+class PlanReport:
+    fits: bool
+    reason: str | None  # the planner's message when fits is False
+    timed_out: bool  # the search hit spec.timeout_s: a plan is the best found so far, a failure is not a proof
+    module: str  # what the planner saw: "FoundationModel" or "EmbeddingBagCollection"
+    total_params: int
+    embedding_params: int
+    dense_params: int
+    gpus: int
+    hosts: int
+    local_world_size: int
+    hbm_gb: float
+    ddr_gb: float
+    reserve_fraction: float
+    hbm_budget_gb: float  # per rank, for embedding shards: hbm_gb * (1 - reserve_fraction)
+    batch_size: int
+    optimizer: str
+    compute_device: str
+    weights_gb: float  # all tables, fp32
+    optimizer_state_gb: float  # all tables
+    cluster_budget_gb: float  # gpus * (hbm_budget_gb + ddr_gb)
+    per_rank_hbm_gb: list[float]  # empty when the plan does not fit
+    per_rank_ddr_gb: list[float]
+    max_rank_hbm_gb: float | None
+    median_rank_hbm_gb: float | None
+    min_rank_hbm_gb: float | None
+    max_rank_ddr_gb: float | None
+    sharding_types: dict[str, str]  # table -> sharding type
+    sharding_type_counts: dict[str, int]
+    compute_kernels: dict[str, str]  # table -> compute kernel
+    compute_kernel_counts: dict[str, int]
+    num_shards: int
+    num_proposals: int
+    num_plans: int
+    planning_seconds: float  # EmbeddingShardingPlanner.plan
+    seconds: float  # everything: layout, meta model, planning
+    tables: list[TablePlan] = field(default_factory=list)
+
+    def busiest_ranks(self, n: int = 3) -> list[tuple[int, float]]:
+        ranked = sorted(enumerate(self.per_rank_hbm_gb), key=lambda rh: -rh[1])
+        return ranked[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fm_table_layout(spec: PlanSpec, embedding_params: int) -> list[TableSpec]:
+    """Tables that add up to about `embedding_params`: a few very large id tables + a tail of smaller ones.
+
+    `num_large_tables` equal tables (user_id, ad_id, advertiser_id, page_id, id_5, ...) hold
+    `large_share` of the parameters; the other tables (cat_01, ...) share the rest, each 0.8x the
+    previous one, at least 1 row each.
+    """
+    dim = spec.embedding_dim
+    total_rows = max(1, embedding_params // dim)
+    num_small = spec.num_tables - spec.num_large_tables
+    large_share = spec.large_share if num_small else 1.0
+    large_rows = max(1, int(total_rows * large_share) // spec.num_large_tables)
+    tables = [
+        TableSpec(name=LARGE_TABLE_NAMES[i] if i < len(LARGE_TABLE_NAMES) else f"id_{i + 1}", rows=large_rows, dim=dim)
+        for i in range(spec.num_large_tables)
+    ]
+    weights = [SMALL_TABLE_DECAY**i for i in range(num_small)]
+    small_rows = total_rows - large_rows * spec.num_large_tables
+    tables += [
+        TableSpec(name=f"cat_{i + 1:02d}", rows=max(1, int(small_rows * w / sum(weights))), dim=dim)
+        for i, w in enumerate(weights)
+    ]
+    return tables
+
+
+def plan_fm(spec: PlanSpec) -> PlanReport:
+    """Run TorchRec's planner for `spec` on a simulated topology. Never raises for a plan that does not fit."""
+    start = time.perf_counter()
+    meta = torch.device("meta")
+
+    def ebc_configs(tables: list[TableSpec]) -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{t.name}",
+                embedding_dim=t.dim or spec.embedding_dim,
+                num_embeddings=t.rows,
+                feature_names=[t.name],
+            )
+            for t in tables
+        ]
+
+    def build(tables: list[TableSpec]) -> torch.nn.Module:
+        dims = {t.dim or spec.embedding_dim for t in tables}
+        if len(dims) > 1:  # the FM concatenates equal-dim vectors; mixed dims can only be planned as a bare EBC
+            return EmbeddingBagCollection(tables=ebc_configs(tables), device=meta)
+        cfg = FMConfig(embedding_dim=dims.pop())
+        return FoundationModel(ebc_configs(tables), NUM_DENSE_FEATURES, ["tenant"], cfg, device=meta)
+
+    if spec.tables is not None:
+        table_specs = list(spec.tables)
+    else:
+        # The dense part depends on the number of tables and the dim only: size it on 1-row tables.
+        stub = [TableSpec(name=t.name, rows=1, dim=t.dim) for t in fm_table_layout(spec, spec.num_tables)]
+        probe = build(stub)
+        dense = count_parameters(probe) - sum(t.dim for t in stub)
+        target = int(spec.fm_params) - dense
+        if target < spec.num_tables * spec.embedding_dim:
+            raise ConfigError(f"field 'fm_params': {spec.fm_params:.3g} is smaller than the FM's dense part ({dense})")
+        table_specs = fm_table_layout(spec, target)
+
+    model = build(table_specs)
+    ebc = model.ebc if isinstance(model, FoundationModel) else model
+    optimizer_class = _optimizer_class(spec.optimizer)
+    apply_optimizer_in_backward(optimizer_class, ebc.parameters(), {"lr": 0.01})
+    embedding_params = count_parameters(ebc)
+    dense_params = count_parameters(model) - embedding_params
+
+    hosts = max(1, spec.gpus // spec.local_world_size)
+    local_world_size = min(spec.local_world_size, spec.gpus)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=spec.gpus, local_world_size=local_world_size, is_dry_run=True),
+        hardware_config=HardwareConfig(
+            hbm_cap_bytes=int(spec.hbm_gb * GiB), ddr_cap_bytes=int(spec.ddr_gb * GiB), ssd_cap_bytes=0
+        ),
+        kernel_config=KernelConfig(compute_device=spec.compute_device),
+    )
+    capture = _CaptureStats()
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=spec.batch_size,
+        storage_reservation=FixedPercentageStorageReservation(spec.reserve_fraction),
+        stats=capture,
+        debug=False,
+        timeout_seconds=spec.timeout_s,
+    )
+    reason = None
+    plan_start = time.perf_counter()
+    try:
+        with _drop_root_warnings(DATA_PARALLEL_NOISE):
+            planner.plan(model, [EmbeddingBagCollectionSharder()])
+        fits = True
+    except PlannerError as exc:
+        fits, reason = False, str(exc).strip()
+    planning_seconds = time.perf_counter() - plan_start
+
+    by_table = {f"t_{t.name}": TablePlan(t.name, t.rows, t.dim or spec.embedding_dim) for t in table_specs}
+    hbm = [0.0] * spec.gpus
+    ddr = [0.0] * spec.gpus
+    if fits:
+        for option in capture.best_plan:
+            table = by_table[option.name]
+            table.sharding_type, table.compute_kernel, table.shards = (
+                option.sharding_type,
+                option.compute_kernel,
+                len(option.shards),
+            )
+            for shard in option.shards:
+                assert shard.storage is not None and shard.rank is not None
+                hbm[shard.rank] += shard.storage.hbm / GiB
+                ddr[shard.rank] += shard.storage.ddr / GiB
+                table.hbm_gb += shard.storage.hbm / GiB
+                table.ddr_gb += shard.storage.ddr / GiB
+    tables = list(by_table.values())
+    for t in tables:
+        t.hbm_gb, t.ddr_gb = round(t.hbm_gb, 3), round(t.ddr_gb, 3)
+
+    weight_bytes = sum(t.params for t in tables) * BYTES_PER_VALUE
+    opt_bytes = sum(t.params * _state_per_weight(spec.optimizer, t.dim) for t in tables) * BYTES_PER_VALUE
+    budget = spec.hbm_gb * (1 - spec.reserve_fraction)
+    planned = [t for t in tables if t.sharding_type]
+    return PlanReport(
+        fits=fits,
+        reason=reason,
+        timed_out=spec.timeout_s is not None and planning_seconds > spec.timeout_s,
+        module=type(model).__name__,
+        total_params=embedding_params + dense_params,
+        embedding_params=embedding_params,
+        dense_params=dense_params,
+        gpus=spec.gpus,
+        hosts=hosts,
+        local_world_size=local_world_size,
+        hbm_gb=spec.hbm_gb,
+        ddr_gb=spec.ddr_gb,
+        reserve_fraction=spec.reserve_fraction,
+        hbm_budget_gb=round(budget, 3),
+        batch_size=spec.batch_size,
+        optimizer=spec.optimizer,
+        compute_device=spec.compute_device,
+        weights_gb=round(weight_bytes / GiB, 3),
+        optimizer_state_gb=round(opt_bytes / GiB, 3),
+        cluster_budget_gb=round(spec.gpus * (budget + spec.ddr_gb), 3),
+        per_rank_hbm_gb=[round(x, 3) for x in hbm] if fits else [],
+        per_rank_ddr_gb=[round(x, 3) for x in ddr] if fits else [],
+        max_rank_hbm_gb=round(max(hbm), 3) if fits else None,
+        median_rank_hbm_gb=round(statistics.median(hbm), 3) if fits else None,
+        min_rank_hbm_gb=round(min(hbm), 3) if fits else None,
+        max_rank_ddr_gb=round(max(ddr), 3) if fits else None,
+        sharding_types={t.name: t.sharding_type for t in planned},
+        sharding_type_counts=dict(sorted(Counter(t.sharding_type for t in planned).items())),
+        compute_kernels={t.name: t.compute_kernel for t in planned},
+        compute_kernel_counts=dict(sorted(Counter(t.compute_kernel for t in planned).items())),
+        num_shards=sum(t.shards for t in planned),
+        num_proposals=capture.num_proposals,
+        num_plans=capture.num_plans,
+        planning_seconds=round(planning_seconds, 2),
+        seconds=round(time.perf_counter() - start, 2),
+        tables=tables,
+    )
+
+
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    return {
+        "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+        "adagrad": trec_optim.Adagrad,
+        "adam": trec_optim.Adam,
+        "sgd": trec_optim.SGD,
+    }[name]
+
+
+def _state_per_weight(optimizer: str, dim: int) -> float:
+    per_weight = OPTIMIZER_STATE_PER_WEIGHT[optimizer]
+    return 1 / dim if per_weight is None else per_weight
+
+
+@contextlib.contextmanager
+def _drop_root_warnings(prefix: str) -> Iterator[None]:
+    """While planning, drop root-logger records whose message starts with `prefix` (and only those)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+class _CaptureStats(Stats):
+    """A planner Stats callback that keeps the chosen sharding options instead of logging a table."""
+
+    def __init__(self) -> None:
+        self.best_plan: list[ShardingOption] = []
+        self.num_proposals = 0
+        self.num_plans = 0
+
+    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans, run_time,
+            best_plan, **kwargs) -> None:  # fmt: skip
+        self.num_proposals, self.num_plans = num_proposals, num_plans
+        # On failure the planner logs its last rejected proposal with rank -1 and an empty plan: keep successes.
+        if sharding_plan.plan:
+            self.best_plan = list(best_plan)

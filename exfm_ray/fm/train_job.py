@@ -1,0 +1,113 @@
+"""The FM training job: Ray Train TorchTrainer + TorchRec DMP, publishing versioned checkpoints.
+
+Each run trains the current FM version (or a fresh FM) on the stream windows after its
+watermark, up to `through_window`, on the union of all tenants, with the same sharding code as
+the FM group and the same FMLearner as the in-process experiment, then saves a DCP checkpoint
+(every rank writes its shards) and publishes it in the registry with its data watermark.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import Field
+
+from exfm_ray.configbase import Config
+from exfm_ray.fm.model import FMConfig
+from exfm_ray.fm.registry import FMRegistry, FMVersion
+from exfm_ray.fm.sharding import ShardingConfig
+
+
+class FMTrainConfig(Config):
+    storage: str = Field(description="Storage root: the FM registry lives under <storage>/fm.")
+    stream: str = Field(description="Stream folder (spec.json + window=<t>/ Parquet partitions).")
+    through_window: int = Field(ge=0, description="Train on windows up to and including this one.")
+    fm: FMConfig = Field(default_factory=FMConfig, description="FM sizes and optimizer settings.")
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Backend and sharding type.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers = FM ranks in the job.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    incremental: bool = Field(True, description="Continue from the current version instead of retraining.")
+    seed: int = Field(0, description="Seed of initialization and batch order.")
+    max_failures: int = Field(1, ge=0, description="Worker failures Ray Train recovers from (restarts the run).")
+
+
+def train_loop(config: dict) -> dict:
+    """Runs on every Ray Train worker; rank 0 returns the published version's metadata."""
+    import torch
+    import torch.distributed as dist
+
+    from exfm_ray.data.batching import WindowTensors
+    from exfm_ray.data.stream import read_spec, read_window
+    from exfm_ray.fm.learner import FMLearner, pad_rows
+    from exfm_ray.fm.model import build_fm
+    from exfm_ray.fm.sharding import dense_optimizer, load_checkpoint, plan_summary, save_checkpoint, shard
+
+    cfg = FMTrainConfig.model_validate(config["cfg"])
+    version, base = config["version"], config["base"]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.seed)
+    spec = read_spec(cfg.stream)
+    model = shard(build_fm(spec, cfg.fm, device="meta"), cfg.sharding, embedding_lr=cfg.fm.embedding_lr)
+    if base is not None:
+        load_checkpoint(model, base["path"])
+    else:
+        model.module.reset_dense_parameters()  # same seed on every rank: identical replicas
+    learner = FMLearner(
+        model, cfg.fm, seed=cfg.seed, optimizer=dense_optimizer(model, cfg.fm.lr), rank=rank, world_size=world
+    )
+    first = base["through_window"] + 1 if base is not None else 0
+    losses, watermark = {}, base["watermark"] if base is not None else -1
+    for t in range(first, cfg.through_window + 1):
+        table = read_window(cfg.stream, t, spec)
+        watermark = max(watermark, int(table.column("event_time").to_numpy().max()))
+        rows = WindowTensors(pad_rows(table, world * cfg.fm.batch_size), spec)
+        losses[t] = learner.train_window(rows)
+    path = FMRegistry(cfg.storage).version_dir(version)
+    save_checkpoint(model, path)
+    dist.barrier()  # every rank's shards are on storage before rank 0 publishes
+    if rank != 0:
+        return {}
+    meta = FMVersion(
+        version=version,
+        path=str(path),
+        watermark=watermark,
+        through_window=cfg.through_window,
+        spec=spec,
+        fm=cfg.fm,
+        plan={t: p["sharding_type"] for t, p in plan_summary(model.plan).items()},
+        metrics={f"loss_window_{t}": loss for t, loss in losses.items()},
+    )
+    FMRegistry(cfg.storage).publish(meta)
+    return meta.model_dump(mode="json")
+
+
+def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | None:
+    """Launch the TorchTrainer and wait; returns the new version (None: already up to date)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    registry = FMRegistry(cfg.storage)
+    base = registry.current() if cfg.incremental else None
+    if base is not None and base.through_window >= cfg.through_window:
+        return None
+    version = registry.next_version()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "version": version,
+            "base": base.model_dump(mode="json") if base is not None else None,
+        },
+        torch_config=TorchConfig(backend=cfg.sharding.backend),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name or f"fm-train-{version}-{int(time.time())}",
+            storage_path=f"{cfg.storage}/ray-train",
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    return FMVersion.model_validate(result.return_value)
