@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from exfm_ray.errors import ExfmError
-from jobs import experiment_cmd, plan_cmd
+from jobs import experiment_cmd, fm_cmd, plan_cmd, stream_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     experiment_cmd.add_parser(sub)
     plan_cmd.add_parser(sub)
+    stream_cmd.add_parser(sub)
+    fm_cmd.add_parser(sub)
     return parser
 
 
@@ -27,11 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ExfmError as exc:
-        print(f"exfm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"exfm {args.command}: error: {_unwrap(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"exfm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _unwrap(exc: BaseException) -> str:
+    """A user error raised inside a Ray actor arrives wrapped; show the user's message only."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if isinstance(cause, ExfmError) else str(exc)
 
 
 def _quiet_third_party() -> None:

@@ -13,6 +13,10 @@ class Settings(BaseSettings):
 
     data_dir: Path | None = Field(None, description="Folder with movielens_100k/ and frappe/ (EXFM_DATA_DIR).")
     ray_address: str | None = Field(None, description="Ray cluster address; unset = a local Ray (EXFM_RAY_ADDRESS).")
+    storage: Path = Field(
+        Path("runs/store"),
+        description="Shared storage root: FM registry, augmented windows, checkpoints (EXFM_STORAGE).",
+    )
 
     def resolved_data_dir(self) -> Path | None:
         """EXFM_DATA_DIR, else the team's ../shared/data beside the checkout, if present."""
