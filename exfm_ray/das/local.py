@@ -1,0 +1,70 @@
+"""The in-process reference path of the DAS: the FM in this process, the same batch transforms.
+
+Used as the DAS's correctness oracle in tests, as the in-process baseline of `exfm bench das`,
+and wherever augmented windows are needed without a cluster (small experiments, unit tests).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from exfm_ray.das.columns import attach, first_occurrence, label_table
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.fm.labels import FMLabels
+from exfm_ray.fm.model import FoundationModel, build_fm
+from exfm_ray.fm.registry import FMVersion
+from exfm_ray.schema import StreamSpec, validate_features
+
+
+class SoftLabeler(Protocol):
+    """Anything that labels a batch of stream rows with the FM (the FM group, or a local FM)."""
+
+    def label(self, table: pa.Table) -> FMLabels: ...
+
+
+class LocalLabeler:
+    def __init__(self, model: FoundationModel, version: FMVersion):
+        self.model = model.eval()
+        self.version = version
+
+    @classmethod
+    def from_version(cls, version: FMVersion) -> LocalLabeler:
+        from exfm_ray.fm.sharding import load_checkpoint
+
+        model = build_fm(version.spec, version.fm)
+        load_checkpoint(model, version.path)
+        return cls(model, version)
+
+    @torch.no_grad()
+    def label(self, table: pa.Table) -> FMLabels:
+        spec = self.version.spec
+        rows = WindowTensors(validate_features(table, spec), spec)
+        b = rows.batch(0, rows.num_rows, spec.sparse_names)
+        out = self.model(b.sparse, b.dense)
+        v = self.version
+        return FMLabels(v.version, v.watermark, spec.tenant_names, out.logits.numpy(), out.hidden.numpy())
+
+
+def augment_table(table: pa.Table, labeler: SoftLabeler, spec: StreamSpec, emb_dim: int) -> pa.Table:
+    """Label each unique example once, attach the outputs to every tenant row (in order)."""
+    keep = first_occurrence(table.column("example_id").to_numpy())
+    unique = table.filter(pa.array(keep))
+    labels = labeler.label(unique) if unique.num_rows else None
+    now = int(time.time())
+    return attach(table, label_table(unique.column("example_id"), labels, spec.tenant_names, emb_dim, now), spec)
+
+
+def fm_rows_per_s(labeler: SoftLabeler, tables: list[pa.Table]) -> float:
+    """Throughput of plain labeling calls (the benchmark's in-process baseline)."""
+    start = time.perf_counter()
+    rows = sum(labeler.label(t).num_rows for t in tables)
+    return rows / (time.perf_counter() - start)
+
+
+def fm_logits_for_rows(augmented: pa.Table) -> np.ndarray:
+    return augmented.column("fm_logit").to_numpy(zero_copy_only=False)
