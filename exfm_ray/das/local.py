@@ -68,3 +68,39 @@ def fm_rows_per_s(labeler: SoftLabeler, tables: list[pa.Table]) -> float:
 
 def fm_logits_for_rows(augmented: pa.Table) -> np.ndarray:
     return augmented.column("fm_logit").to_numpy(zero_copy_only=False)
+
+
+def augment_windows_locally(
+    stream_windows: dict[int, pa.Table], labeler: SoftLabeler, spec: StreamSpec, emb_dim: int, storage
+) -> list[int]:
+    """Augment and commit windows in this process (no Ray): small deployments and tests."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from exfm_ray.das.store import AugmentedStore, WindowRecord
+
+    store = AugmentedStore(storage)
+    done = []
+    for t, table in sorted(stream_windows.items()):
+        if t in store.records():
+            continue
+        start = time.perf_counter()
+        out = augment_table(table, labeler, spec, emb_dim)
+        staged = store.staging_dir(uuid.uuid4().hex) / f"window={t}"
+        staged.mkdir(parents=True)
+        pq.write_table(out, staged / "part-0.parquet")
+        versions = sorted({v for v in out.column("fm_version").to_pylist() if v})
+        record = WindowRecord(
+            window=t,
+            input_rows=table.num_rows,
+            output_rows=out.num_rows,
+            fm_calls=int(first_occurrence(table.column("example_id").to_numpy()).sum()),
+            fm_versions=versions,
+            masked_rows=int((~out.column("fm_mask").to_numpy(zero_copy_only=False)).sum()),
+            duration_s=round(time.perf_counter() - start, 3),
+        )
+        store.commit(t, staged, record, spec)
+        done.append(t)
+    store.clear_staging()
+    return done
