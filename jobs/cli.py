@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from exfm_ray.errors import ExfmError
-from jobs import experiment_cmd, fm_cmd, plan_cmd, stream_cmd
+from jobs import augment_cmd, experiment_cmd, fm_cmd, plan_cmd, stream_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     stream_cmd.add_parser(sub)
     fm_cmd.add_parser(sub)
+    augment_cmd.add_parser(sub)
     return parser
 
 

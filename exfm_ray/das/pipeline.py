@@ -1,0 +1,258 @@
+"""The Data Augmentation Service on Ray Data: stream window -> FM group -> augmented Parquet.
+
+Per window t (exfm-method.md section 3):
+1. Leakage guard: the FM group's version must have trained on data strictly before t starts.
+2. FM pass (does not wait for labels): Ray Data reads the window, keeps the first row of each
+   example_id (one FM call per unique example, however many tenants logged it) and streams the
+   batches through an actor pool of thin FMLabeler clients of the FM group, with bounded calls
+   in flight. The FM outputs are staged per window (`_fm/window=t`), so a re-run never re-labels.
+3. Row pass (once the label stream has closed the window's attribution window): Ray Data reads
+   the window again, attaches the FM outputs to every tenant row by example_id, joins delayed
+   labels, and writes Parquet to a staging folder.
+4. Commit: rename the staging folder to window=t, then record it in the manifest. A finished
+   window re-run is a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from exfm_ray.configbase import Config
+from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_table
+from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
+from exfm_ray.das.store import AugmentedStore, WindowRecord
+from exfm_ray.data.stream import read_spec, window_dir
+from exfm_ray.errors import FMUnavailable
+from exfm_ray.fm.registry import FMVersion, check_no_leakage
+from exfm_ray.schema import StreamSpec
+
+
+class AugmentConfig(Config):
+    storage: str = Field(description="Storage root: augmented windows go to <storage>/augmented.")
+    stream: str = Field(description="Stream folder (spec.json + window=<t>/ Parquet).")
+    group_name: str = Field("exfm-fm", description="Actor name of the FM group.")
+    group_namespace: str = Field("exfm", description="Ray namespace of the FM group.")
+    batch_size: int = Field(4096, gt=0, description="Rows per FM call.")
+    labelers: int = Field(1, ge=1, description="Actors in the FMLabeler pool.")
+    labeler_cpus: float = Field(0.25, gt=0, description="CPUs reserved per labeler (it only waits on the FM).")
+    in_flight_per_labeler: int = Field(2, ge=1, description="Batches in flight per labeler (bounds memory).")
+    max_wait_s: float = Field(120.0, ge=0, description="How long a batch waits for an unavailable FM before "
+                              "its rows are emitted with the FM mask off.")  # fmt: skip
+    labels: LabelJoinConfig | None = Field(None, description="Delayed-label stream; None: labels are in the rows.")
+    fault_injection: Literal["after_fm_pass", "after_write"] | None = Field(
+        None, description="Tests only: end the process at this point of a window to simulate a crash."
+    )
+
+
+class FMLabeler:
+    """Ray Data UDF: a thin client of the FM group. Waits out a rebuilding group up to max_wait_s,
+    then gives up on the batch (its rows get the FM mask off) rather than failing the window."""
+
+    def __init__(self, cfg: dict, heads: list[str], emb_dim: int):
+        import ray
+
+        self.cfg = AugmentConfig.model_validate(cfg)
+        self.group = ray.get_actor(self.cfg.group_name, namespace=self.cfg.group_namespace)
+        self.heads, self.emb_dim = heads, emb_dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        deadline = time.monotonic() + self.cfg.max_wait_s
+        while True:
+            try:
+                labels = ray.get(self.group.label.remote(batch))
+                break
+            except FMUnavailable:
+                if time.monotonic() > deadline:
+                    labels = None
+                    break
+                time.sleep(min(2.0, self.cfg.max_wait_s / 10 + 0.1))
+        return label_table(batch.column("example_id"), labels, self.heads, self.emb_dim, int(time.time()))
+
+
+def _keep_first(batch: pa.Table, first: pa.Table) -> pa.Table:
+    pos = pc.index_in(batch.column("example_id"), value_set=first.column("example_id"))
+    first_tenant = first.column("tenant").take(pc.fill_null(pos, 0))
+    return batch.filter(pc.fill_null(pc.equal(batch.column("tenant"), first_tenant), False))
+
+
+def _attach(batch: pa.Table, labels: pa.Table, spec_json: str, label_cfg: dict | None, events: pa.Table | None):
+    spec = StreamSpec.from_json(spec_json)
+    out = attach(batch, labels, spec)
+    if label_cfg is not None:
+        out, _ = join_labels(out, events, spec, LabelJoinConfig.model_validate(label_cfg))
+    return out
+
+
+class Augmenter:
+    """Augments windows of one stream through a running FM group."""
+
+    def __init__(self, cfg: AugmentConfig):
+        import ray
+
+        self.cfg = cfg
+        self.spec = read_spec(cfg.stream)
+        self.store = AugmentedStore(cfg.storage)
+        self.group = ray.get_actor(cfg.group_name, namespace=cfg.group_namespace)
+
+    def window_bounds(self, t: int) -> tuple[int, int]:
+        starts = self.spec.window_starts
+        if t + 1 < len(starts):
+            return starts[t], starts[t + 1]
+        last = pq.read_table(window_dir(self.cfg.stream, t), columns=["event_time"]).column("event_time")
+        return starts[t], int(pc.max(last).as_py()) + 1
+
+    def augment(self, t: int) -> dict:
+        """Augment window t; returns {"window", "status", "record"}. Idempotent."""
+        if t in self.store.records():
+            return {"window": t, "status": "already_done", "record": self.store.records()[t]}
+        start = time.perf_counter()
+        version = self._group_version()
+        check_no_leakage(version, t, self.spec.window_starts[t])
+        labels = self._fm_pass(t)
+        if self.cfg.fault_injection == "after_fm_pass":
+            _crash()
+        begin, end = self.window_bounds(t)
+        events = None
+        if self.cfg.labels is not None:
+            if label_watermark(self.cfg.labels) < end + self.cfg.labels.attribution_s:
+                return {"window": t, "status": "waiting_for_labels", "record": None}
+            events = read_events(self.cfg.labels, begin, end)
+        record = self._row_pass(t, labels, events, start)
+        return {"window": t, "status": "committed", "record": record}
+
+    def _group_version(self) -> FMVersion:
+        import ray
+
+        from exfm_ray.fm.registry import FMRegistry
+
+        status = ray.get(self.group.status.remote())
+        return FMRegistry(self.cfg.storage).get(status["version"])
+
+    def _fm_labels_path(self, t: int) -> Path:
+        return self.store.root / "_fm" / f"window={t}" / "labels.parquet"
+
+    def _fm_pass(self, t: int) -> pa.Table:
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        path = self._fm_labels_path(t)
+        if path.exists():
+            return pq.read_table(path)
+        src = str(window_dir(self.cfg.stream, t))
+        keys = pq.read_table(src, columns=["example_id", "tenant"])
+        first = keys.filter(pa.array(first_occurrence(keys.column("example_id").to_numpy())))
+        emb_dim = self._emb_dim()
+        ds = (
+            ray.data.read_parquet(src, partitioning=None)
+            .map_batches(_keep_first, fn_args=(first,), batch_format="pyarrow", batch_size=None)
+            .map_batches(
+                FMLabeler,
+                fn_constructor_args=(self.cfg.model_dump(mode="json"), self.spec.tenant_names, emb_dim),
+                batch_size=self.cfg.batch_size,
+                batch_format="pyarrow",
+                num_cpus=self.cfg.labeler_cpus,
+                compute=ActorPoolStrategy(
+                    size=self.cfg.labelers, max_tasks_in_flight_per_actor=self.cfg.in_flight_per_labeler
+                ),
+            )
+        )
+        labels = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        assert labels.num_rows == first.num_rows, (labels.num_rows, first.num_rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(labels, tmp)
+        tmp.rename(path)
+        return labels
+
+    def _emb_dim(self) -> int:
+        from exfm_ray.fm.model import build_fm
+
+        return build_fm(self._group_version().spec, self._group_version().fm, device="meta").hidden_dim
+
+    def _row_pass(self, t: int, labels: pa.Table, events: pa.Table | None, start: float) -> WindowRecord:
+        import ray
+
+        src = str(window_dir(self.cfg.stream, t))
+        staged = self.store.staging_dir(uuid.uuid4().hex) / f"window={t}"
+        label_cfg = self.cfg.labels.model_dump(mode="json") if self.cfg.labels is not None else None
+        (
+            ray.data.read_parquet(src, partitioning=None)
+            .map_batches(
+                _attach,
+                fn_args=(labels, self.spec.to_json(), label_cfg, events),
+                batch_format="pyarrow",
+                batch_size=None,
+            )
+            .write_parquet(str(staged))
+        )
+        if self.cfg.fault_injection == "after_write":
+            _crash()
+        written = pq.read_table(staged, columns=["fm_mask", FM_VERSION], partitioning=None)
+        input_rows = _rows(src)
+        mask = written.column("fm_mask").to_numpy(zero_copy_only=False)
+        record = WindowRecord(
+            window=t,
+            input_rows=input_rows,
+            output_rows=written.num_rows,
+            fm_calls=labels.num_rows,
+            fm_versions=sorted({v for v in written.column(FM_VERSION).to_pylist() if v}),
+            masked_rows=int((~mask).sum()),
+            unlabeled_rows=int(written.column(FM_VERSION).null_count),
+            duration_s=round(time.perf_counter() - start, 3),
+            label_join=_label_counts(events, t, self) if events is not None else {},
+        )
+        assert record.output_rows == record.input_rows, record
+        self.store.commit(t, staged, record, self.spec)
+        self._fm_labels_path(t).unlink(missing_ok=True)
+        return record
+
+
+def _rows(folder: str) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in Path(folder).glob("*.parquet"))
+
+
+def _label_counts(events: pa.Table, t: int, aug: Augmenter) -> dict:
+    src = str(window_dir(aug.cfg.stream, t))
+    rows = pq.read_table(src, columns=["example_id", "event_time", "tenant", *[f"label_{x}" for x in aug.spec.tasks]])
+    assert aug.cfg.labels is not None
+    return join_labels(rows, events, aug.spec, aug.cfg.labels)[1]
+
+
+def _crash() -> None:
+    import os
+
+    os._exit(3)
+
+
+def augment_windows(cfg: AugmentConfig, windows: list[int], progress=None) -> list[dict]:
+    """Augment several windows in order; `progress(result)` is called after each."""
+    aug = Augmenter(cfg)
+    results = []
+    for t in windows:
+        result = aug.augment(t)
+        results.append(result)
+        if progress:
+            progress(result)
+    return results
+
+
+def summary_line(result: dict) -> str:
+    r = result["record"]
+    if r is None:
+        return f"window {result['window']}: {result['status']}"
+    rec = r if isinstance(r, WindowRecord) else WindowRecord.model_validate(r)
+    return (
+        f"window {rec.window}: {result['status']}, {rec.output_rows} rows, {rec.fm_calls} FM calls "
+        f"({rec.amortization:.2f} per row), FM {','.join(rec.fm_versions) or '-'}, masked {rec.masked_rows}, "
+        f"{rec.duration_s:.1f} s"
+    )
