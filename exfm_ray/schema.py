@@ -29,6 +29,9 @@ from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError, DataError
 
 RESERVED = ("example_id", "event_time", "window", "tenant")
+# Columns of an augmented row that students read (the row's own tenant head); see exfm_ray/das/columns.py.
+FM_LOGIT = "fm_logit"
+FM_MASK = "fm_mask"
 SPEC_METADATA_KEY = b"exfm.spec"
 
 

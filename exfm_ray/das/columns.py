@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exfm_ray.data.batching import FM_LOGIT, FM_MASK
 from exfm_ray.fm.labels import FMLabels
-from exfm_ray.schema import StreamSpec
+from exfm_ray.schema import FM_LOGIT, FM_MASK, StreamSpec
 
 FM_EMB = "fm_emb"
 FM_VERSION = "fm_version"

@@ -26,13 +26,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_table
+from exfm_ray.das.columns import FM_VERSION, first_occurrence
 from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
 from exfm_ray.das.store import AugmentedStore, WindowRecord
+from exfm_ray.das.transforms import FMLabeler, attach_labels, keep_first
 from exfm_ray.data.stream import read_spec, window_dir
-from exfm_ray.errors import FMUnavailable
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
-from exfm_ray.schema import StreamSpec
 
 
 class AugmentConfig(Config):
@@ -50,47 +49,6 @@ class AugmentConfig(Config):
     fault_injection: Literal["after_fm_pass", "after_write"] | None = Field(
         None, description="Tests only: end the process at this point of a window to simulate a crash."
     )
-
-
-class FMLabeler:
-    """Ray Data UDF: a thin client of the FM group. Waits out a rebuilding group up to max_wait_s,
-    then gives up on the batch (its rows get the FM mask off) rather than failing the window."""
-
-    def __init__(self, cfg: dict, heads: list[str], emb_dim: int):
-        import ray
-
-        self.cfg = AugmentConfig.model_validate(cfg)
-        self.group = ray.get_actor(self.cfg.group_name, namespace=self.cfg.group_namespace)
-        self.heads, self.emb_dim = heads, emb_dim
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        deadline = time.monotonic() + self.cfg.max_wait_s
-        while True:
-            try:
-                labels = ray.get(self.group.label.remote(batch))
-                break
-            except FMUnavailable:
-                if time.monotonic() > deadline:
-                    labels = None
-                    break
-                time.sleep(min(2.0, self.cfg.max_wait_s / 10 + 0.1))
-        return label_table(batch.column("example_id"), labels, self.heads, self.emb_dim, int(time.time()))
-
-
-def _keep_first(batch: pa.Table, first: pa.Table) -> pa.Table:
-    pos = pc.index_in(batch.column("example_id"), value_set=first.column("example_id"))
-    first_tenant = first.column("tenant").take(pc.fill_null(pos, 0))
-    return batch.filter(pc.fill_null(pc.equal(batch.column("tenant"), first_tenant), False))
-
-
-def _attach(batch: pa.Table, labels: pa.Table, spec_json: str, label_cfg: dict | None, events: pa.Table | None):
-    spec = StreamSpec.from_json(spec_json)
-    out = attach(batch, labels, spec)
-    if label_cfg is not None:
-        out, _ = join_labels(out, events, spec, LabelJoinConfig.model_validate(label_cfg))
-    return out
 
 
 class Augmenter:
@@ -113,12 +71,31 @@ class Augmenter:
 
     def augment(self, t: int) -> dict:
         """Augment window t; returns {"window", "status", "record"}. Idempotent."""
-        if t in self.store.records():
-            return {"window": t, "status": "already_done", "record": self.store.records()[t]}
-        start = time.perf_counter()
+        return self.augment_range([t])[0]
+
+    def augment_range(self, windows: list[int], progress=None) -> list[dict]:
+        """Augment windows in order. The FM pass of every pending window runs as one Ray Data job
+        (one labeler pool for the whole range); rows are attached and committed window by window."""
+        done = self.store.records()
+        pending = [t for t in windows if t not in done]
         version = self._group_version()
-        check_no_leakage(version, t, self.spec.window_starts[t])
-        labels = self._fm_pass(t)
+        for t in pending:  # refuse before any work, naming the first offending window
+            check_no_leakage(version, t, self.spec.window_starts[t])
+        start = time.perf_counter()
+        labels = self._fm_pass(pending) if pending else {}
+        results = []
+        for t in windows:
+            if t in done:
+                result = {"window": t, "status": "already_done", "record": done[t]}
+            else:
+                result = self._finish(t, labels[t], start)
+                start = time.perf_counter()
+            results.append(result)
+            if progress:
+                progress(result)
+        return results
+
+    def _finish(self, t: int, labels: pa.Table, start: float) -> dict:
         if self.cfg.fault_injection == "after_fm_pass":
             _crash()
         begin, end = self.window_bounds(t)
@@ -141,23 +118,31 @@ class Augmenter:
     def _fm_labels_path(self, t: int) -> Path:
         return self.store.root / "_fm" / f"window={t}" / "labels.parquet"
 
-    def _fm_pass(self, t: int) -> pa.Table:
+    def _fm_pass(self, windows: list[int]) -> dict[int, pa.Table]:
+        """FM outputs per unique example of each window, staged on storage (a re-run reuses them)."""
         import ray
         from ray.data import ActorPoolStrategy
 
-        path = self._fm_labels_path(t)
-        if path.exists():
-            return pq.read_table(path)
-        src = str(window_dir(self.cfg.stream, t))
-        keys = pq.read_table(src, columns=["example_id", "tenant"])
+        staged = {t: pq.read_table(self._fm_labels_path(t)) for t in windows if self._fm_labels_path(t).exists()}
+        todo = [t for t in windows if t not in staged]
+        if not todo:
+            return staged
+        srcs = [str(window_dir(self.cfg.stream, t)) for t in todo]
+        keys = pa.concat_tables(pq.read_table(src, columns=["example_id", "tenant", "window"]) for src in srcs)
         first = keys.filter(pa.array(first_occurrence(keys.column("example_id").to_numpy())))
-        emb_dim = self._emb_dim()
         ds = (
-            ray.data.read_parquet(src, partitioning=None)
-            .map_batches(_keep_first, fn_args=(first,), batch_format="pyarrow", batch_size=None)
+            ray.data.read_parquet(srcs, partitioning=None)
+            # Batch before the pool: one big block would be one task, and the pool would sit idle.
+            .map_batches(keep_first, fn_args=(first,), batch_format="pyarrow", batch_size=self.cfg.batch_size)
             .map_batches(
                 FMLabeler,
-                fn_constructor_args=(self.cfg.model_dump(mode="json"), self.spec.tenant_names, emb_dim),
+                fn_constructor_args=(
+                    self.cfg.group_name,
+                    self.cfg.group_namespace,
+                    self.cfg.max_wait_s,
+                    self.spec.tenant_names,
+                    self._emb_dim(),
+                ),
                 batch_size=self.cfg.batch_size,
                 batch_format="pyarrow",
                 num_cpus=self.cfg.labeler_cpus,
@@ -168,11 +153,15 @@ class Augmenter:
         )
         labels = pa.concat_tables(ray.get(ds.to_arrow_refs()))
         assert labels.num_rows == first.num_rows, (labels.num_rows, first.num_rows)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(labels, tmp)
-        tmp.rename(path)
-        return labels
+        window_of = first.column("window").take(pc.index_in(labels.column("example_id"), first.column("example_id")))
+        for t in todo:
+            part = labels.filter(pc.equal(window_of, t))
+            path = self._fm_labels_path(t)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+            staged[t] = part
+        return staged
 
     def _emb_dim(self) -> int:
         from exfm_ray.fm.model import build_fm
@@ -188,7 +177,7 @@ class Augmenter:
         (
             ray.data.read_parquet(src, partitioning=None)
             .map_batches(
-                _attach,
+                attach_labels,
                 fn_args=(labels, self.spec.to_json(), label_cfg, events),
                 batch_format="pyarrow",
                 batch_size=None,
@@ -236,14 +225,7 @@ def _crash() -> None:
 
 def augment_windows(cfg: AugmentConfig, windows: list[int], progress=None) -> list[dict]:
     """Augment several windows in order; `progress(result)` is called after each."""
-    aug = Augmenter(cfg)
-    results = []
-    for t in windows:
-        result = aug.augment(t)
-        results.append(result)
-        if progress:
-            progress(result)
-    return results
+    return Augmenter(cfg).augment_range(windows, progress)
 
 
 def summary_line(result: dict) -> str:

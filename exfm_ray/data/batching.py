@@ -16,10 +16,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from exfm_ray.errors import DataError
-from exfm_ray.schema import StreamSpec, label_column
-
-FM_LOGIT = "fm_logit"
-FM_MASK = "fm_mask"
+from exfm_ray.schema import FM_LOGIT, FM_MASK, StreamSpec, label_column
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pydantic import Field, field_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.data.sources import SourceConfig
-from exfm_ray.fm.model import FMConfig
+from exfm_ray.fm.config import FMConfig
 from exfm_ray.students.config import VARIANTS, StudentConfig
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from exfm_ray.data.batching import Batch, WindowTensors
-from exfm_ray.fm.model import FMConfig
+from exfm_ray.fm.config import FMConfig
 from exfm_ray.optim import SplitOptimizer
 from exfm_ray.students.losses import bce
 

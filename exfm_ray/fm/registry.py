@@ -21,7 +21,7 @@ from pydantic import Field
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
 from exfm_ray.files import atomic_write
-from exfm_ray.fm.model import FMConfig, FoundationModel
+from exfm_ray.fm.config import FMConfig
 from exfm_ray.schema import StreamSpec
 
 VERSION_FILE = "version.json"
@@ -111,7 +111,7 @@ def check_no_leakage(version: FMVersion, window: int, window_start: int) -> None
 
 def publish_model(
     registry: FMRegistry,
-    model: FoundationModel,
+    model,
     spec: StreamSpec,
     cfg: FMConfig,
     *,

@@ -13,7 +13,7 @@ import time
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.fm.model import FMConfig
+from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMRegistry, FMVersion
 from exfm_ray.fm.sharding import ShardingConfig
 

@@ -76,3 +76,13 @@ def test_leakage_guard_masks_rows_older_than_the_watermark(world):
     )
     out = attach(table, labels, stream.spec)
     assert out.column("fm_mask").to_pylist() == (times > cut).tolist()
+
+
+def test_the_ray_data_udfs_import_without_torch():
+    """Every Ray Data worker imports these; torch/torchrec would add seconds per fresh worker."""
+    import subprocess
+    import sys
+
+    code = "import sys, exfm_ray.das.transforms, exfm_ray.das.store; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
