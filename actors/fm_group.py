@@ -24,6 +24,7 @@ from exfm_ray.errors import ConfigError, FMUnavailable
 from exfm_ray.fm.labels import FMLabels, gather, split_padded
 from exfm_ray.fm.registry import FMRegistry, FMVersion
 from exfm_ray.fm.sharding import ShardingConfig
+from exfm_ray.observability import LOG, counter, gauge, histogram
 from exfm_ray.schema import validate_features
 
 
@@ -166,6 +167,7 @@ class FMGroup:
         meta = self._resolve(version)
         await asyncio.gather(*(g.start(meta) for g in self.gangs))
         self.version = meta
+        self._publish_version_gauge()
         return self.status()
 
     async def label(self, table: pa.Table) -> FMLabels:
@@ -180,13 +182,22 @@ class FMGroup:
             return FMLabels(v.version, v.watermark, v.spec.tenant_names, _empty(len(v.spec.tenants)), _empty(0))
         gang = self._pick()
         self.calls += 1
+        started = time.perf_counter()
         try:
             out = await gang.label(features)
         except FMUnavailable:
             self.failed_calls += 1
+            counter("fm_failed_calls", "FM group calls that failed (retryable)", ("group",)).inc(
+                1, {"group": self.cfg.name}
+            )
             self._rebuild_soon(gang)
             raise
         self.rows_labeled += out.num_rows
+        tags = {"group": self.cfg.name, "version": out.version}
+        counter("fm_rows_labeled", "Rows labeled by the FM group", ("group", "version")).inc(out.num_rows, tags)
+        histogram("fm_label_latency_s", "FM group label() latency", ("group",)).observe(
+            time.perf_counter() - started, {"group": self.cfg.name}
+        )
         return out
 
     async def switch(self, version: str | None = None) -> dict:
@@ -198,7 +209,15 @@ class FMGroup:
         for gang, res in zip(ready, results, strict=True):
             if isinstance(res, Exception):
                 self._rebuild_soon(gang)
+        self._publish_version_gauge()
+        LOG.info("FM group %s switched to %s (watermark %s)", self.cfg.name, meta.version, meta.watermark)
         return self.status()
+
+    def _publish_version_gauge(self) -> None:
+        if self.version is not None:
+            gauge("fm_version_watermark", "Data watermark (unix s) of the FM version served", ("group", "version")).set(
+                self.version.watermark, {"group": self.cfg.name, "version": self.version.version}
+            )
 
     def status(self) -> dict:
         return {

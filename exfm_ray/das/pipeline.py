@@ -202,8 +202,26 @@ class Augmenter:
         )
         assert record.output_rows == record.input_rows, record
         self.store.commit(t, staged, record, self.spec)
+        _record_metrics(record)
         self._fm_labels_path(t).unlink(missing_ok=True)
         return record
+
+
+def _record_metrics(rec: WindowRecord) -> None:
+    from exfm_ray.observability import LOG, counter, gauge
+
+    # Ray counters accept only positive increments.
+    for name, text, value in (
+        ("das_rows", "Augmented rows committed by the DAS", rec.output_rows),
+        ("das_masked_rows", "Augmented rows with the FM mask off", rec.masked_rows),
+        ("das_fm_calls", "Examples the DAS sent to the FM (unique example_ids)", rec.fm_calls),
+    ):
+        if value > 0:
+            counter(name, text).inc(value)
+    gauge("das_rows_per_s", "Rows per second of the last committed window").set(
+        rec.output_rows / max(rec.duration_s, 1e-9)
+    )
+    LOG.info(summary_line({"window": rec.window, "status": "committed", "record": rec}))
 
 
 def _rows(folder: str) -> int:
