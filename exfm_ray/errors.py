@@ -22,3 +22,11 @@ class DataError(ExfmError, ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.column = column
         self.row = row
+
+
+class TenantNotFound(ExfmError, LookupError):
+    """No published checkpoint for the tenant (HTTP 404 when serving)."""
+
+    def __init__(self, tenant: str):
+        super().__init__(f"unknown tenant {tenant!r}: no published student checkpoint")
+        self.tenant = tenant
