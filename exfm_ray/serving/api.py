@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from exfm_ray.errors import TenantNotFound
@@ -44,6 +45,12 @@ def build_api(predictor: Predictor, *, title: str = "exfm students") -> FastAPI:
     @api.exception_handler(TenantNotFound)
     async def _not_found(_: Request, exc: TenantNotFound) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @api.exception_handler(RequestValidationError)
+    async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the offending input, and a NaN there breaks the JSON reply.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @api.exception_handler(RowError)
     async def _bad_rows(_: Request, exc: RowError) -> JSONResponse:

@@ -7,6 +7,8 @@ Starting Ray and Serve (HTTP host/port, proxy mode) is the job's work, not this 
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray import serve
 from ray.serve import Application
 
@@ -33,6 +35,6 @@ def build_app(config: ServeConfig) -> Application:
     return deployment.bind(config)
 
 
-def app_builder(args: ServeConfig) -> Application:
-    """Serve `import_path` target: `exfm_ray.serving.app:app_builder`."""
-    return build_app(args)
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve `import_path` target (`exfm_ray.serving.app:app_builder`); `args` are ServeConfig fields."""
+    return build_app(ServeConfig.parse(dict(args), source="serve application args"))
