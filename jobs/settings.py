@@ -13,6 +13,12 @@ class Settings(BaseSettings):
 
     data_dir: Path | None = Field(None, description="Folder with movielens_100k/ and frappe/ (EXFM_DATA_DIR).")
     ray_address: str | None = Field(None, description="Ray cluster address; unset = a local Ray (EXFM_RAY_ADDRESS).")
+    store_root: Path = Field(Path("runs/store"), description="StudentStore root that serving reads (EXFM_STORE_ROOT).")
+    serve_fast_ingress: bool = Field(
+        True,
+        description="Start a local Ray with Serve's HAProxy ingress and throughput mode "
+        "(EXFM_SERVE_FAST_INGRESS); see docs/benchmarks.md for what each setting buys.",
+    )
 
     def resolved_data_dir(self) -> Path | None:
         """EXFM_DATA_DIR, else the team's ../shared/data beside the checkout, if present."""
