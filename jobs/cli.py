@@ -10,13 +10,15 @@ import sys
 import warnings
 
 from exfm_ray.errors import ExfmError
-from jobs import experiment_cmd
+from jobs import bench_cmd, experiment_cmd, serve_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exfm", description="ExFM: distill a large foundation model into students.")
     sub = parser.add_subparsers(dest="command", required=True)
     experiment_cmd.add_parser(sub)
+    serve_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 
