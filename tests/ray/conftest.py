@@ -1,0 +1,31 @@
+"""One local Ray for the whole tests/ray tier, started as `exfm serve` starts it (same Serve settings)."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    from jobs import serving
+
+    # Short: HAProxy's admin socket path (this folder + a 64-character hash) must stay under 97 characters.
+    haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as env:
+        # HAProxy's files default to /tmp/haproxy-serve: keep this cluster's apart from any other.
+        env.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(haproxy / "haproxy.cfg"))
+        env.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", str(haproxy / "admin.sock"))
+        env.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(haproxy))
+        env.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(haproxy / "server-state"))
+        for key, value in serving.FAST_INGRESS_ENV.items():
+            env.setenv(key, value)
+        serving.start_ray(None, fast_ingress=True, num_cpus=2)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(haproxy, ignore_errors=True)
