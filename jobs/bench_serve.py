@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import socket
 import tempfile
 import time
@@ -43,8 +44,8 @@ def run_serve_bench(
         baseline_port = _free_port()
         baseline = _start_baseline(cfg, baseline_port)
         try:
-            settings = serving.configure_ray_env(fast_ingress)
             serving.start_ray(None, fast_ingress=fast_ingress, num_cpus=2)
+            settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
             try:
                 urls = {"baseline": f"http://127.0.0.1:{baseline_port}", "serve": serving.deploy(cfg)}
                 for url in urls.values():
@@ -79,6 +80,7 @@ def run_serve_bench(
         "rows_per_request": rows,
         "tenants": tenants,
         "ray_settings": settings,
+        "serve_config": cfg.model_dump(mode="json", exclude={"store_root", "port"}),
     }
 
 

@@ -1,10 +1,11 @@
-"""`exfm serve`: serve every tenant with a published student over HTTP (Ray Serve) until Ctrl-C."""
+"""`exfm serve`: serve every tenant with a published student over HTTP (Ray Serve) until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not tenants:
         raise ConfigError(f"no published student under {cfg.store_root}/students (train students, or pass --demo)")
     address = args.address or settings.ray_address
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop shuts down as cleanly as Ctrl-C
     serving.start_ray(address, fast_ingress=settings.serve_fast_ingress)
     try:
         url = serving.deploy(cfg)
@@ -63,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serving.shutdown(cfg, own_cluster=address is None)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def curl_example(url: str, store, tenant: str) -> str:

@@ -51,6 +51,11 @@ class ServeConfig(Config):
         le=1.0,
         description="How long a batch waits for more requests; 0 = take what queued while the last batch ran.",
     )
+    solo_fast_path: bool = Field(
+        True,
+        description="A request with no other in flight on its replica runs at once, not through the "
+        "@serve.batch queue (a batch of one either way; the queue costs about 0.3 ms).",
+    )
     max_rows_per_request: int = Field(512, ge=1, description="Larger requests get 422.")
     reload_interval_s: float = Field(
         2.0, gt=0, description="How often a replica checks LATEST.json of its loaded tenants for a newer version."

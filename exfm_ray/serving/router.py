@@ -94,7 +94,7 @@ class StudentRouter:
         try:
             # One turn of the event loop lets requests that arrived together register first.
             await asyncio.sleep(0)
-            if self._in_flight == 1:
+            if self._in_flight == 1 and self.config.solo_fast_path:
                 self.solo += 1
                 return self._run_batch([item])[0]
             return await self._batched(item)
