@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
-from exfm_ray.bench.http_load import Connection, Latency, concurrent, sequential
+from exfm_ray.bench.http_load import Connection, Latency, concurrent, post_request, sequential
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import example_rows, publish_synthetic_students
 from exfm_ray.students.store import StudentStore
@@ -37,11 +36,11 @@ def run_serve_bench(
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="exfm-bench-") as tmp:
         tenants = [p.tenant for p in publish_synthetic_students(tmp, num_tenants=2)]
-        cfg = (config or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=_free_port())
+        cfg = (config or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=serving.free_port())
         store = StudentStore(tmp)
         single = {"rows": example_rows(store.latest_meta(tenants[0]), 1)}
         bodies = {t: [{"rows": example_rows(store.latest_meta(t), rows, seed=i)} for i in range(8)] for t in tenants}
-        baseline_port = _free_port()
+        baseline_port = serving.free_port()
         baseline = _start_baseline(cfg, baseline_port)
         try:
             serving.start_ray(None, fast_ingress=fast_ingress, num_cpus=2)
@@ -113,8 +112,6 @@ def _replica_stats(cfg: ServeConfig) -> dict:
 
 
 async def _wait_ready(url: str, body: dict, timeout_s: float = 120.0) -> None:
-    from exfm_ray.bench.http_load import post_request
-
     deadline = time.monotonic() + timeout_s
     while True:
         conn = Connection(url)
@@ -145,9 +142,3 @@ def _start_baseline(cfg: ServeConfig, port: int) -> multiprocessing.Process:
     )
     proc.start()
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, help="StudentStore root (overrides the YAML)")
     args = parser.parse_args(argv)
     args.host = args.port = None
+    settings = Settings()
     try:
-        cfg = config_from_args(args, Settings())
+        cfg = config_from_args(args, settings)
     except ExfmError as exc:
         print(f"serve_students: error: {exc}", file=sys.stderr)
         return 2
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs import serving
 
-    ray.init(address="auto", log_to_driver=False)
+    # Inside `ray job submit` RAY_ADDRESS names the cluster; "auto" finds it.
+    ray.init(address=settings.ray_address or "auto", log_to_driver=False)
     try:
         print(f"deployed: {serving.deploy(cfg)}")
     finally:

@@ -8,6 +8,7 @@ it was started with (start it with the same variables: see docs/benchmarks.md an
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from exfm_ray.serving.config import ServeConfig
@@ -66,6 +67,13 @@ def _workers_import_this_checkout() -> None:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (for benchmarks and tests that run beside other services)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def deploy(config: ServeConfig) -> str:

@@ -16,7 +16,7 @@ from exfm_ray.serving.demo import publish_synthetic_students, synthetic_spec_and
 from exfm_ray.students.checkpoint import student_meta
 from exfm_ray.students.config import StudentConfig
 from exfm_ray.students.store import StudentStore
-from jobs.bench_serve import _free_port
+from jobs.serving import free_port
 from tests.serving_helpers import expected_probabilities, published_model, rows_for
 
 pytestmark = pytest.mark.ray
@@ -36,7 +36,7 @@ def service(ray_cluster, tmp_path_factory):
     publish_synthetic_students(root, num_tenants=2)
     cfg = ServeConfig(
         store_root=root,
-        port=_free_port(),
+        port=free_port(),
         app_name="students_test",
         num_replicas=2,
         replica_cpus=0.5,
