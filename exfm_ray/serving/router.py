@@ -15,6 +15,7 @@ import logging
 import os
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -30,8 +31,16 @@ from exfm_ray.students.store import StudentStore
 
 logger = logging.getLogger("ray.serve")
 
-BatchItem = tuple[TenantModel, EncodedRows]
 BatchResult = tuple[list[float], str] | Exception
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """One request waiting for a forward pass. Emptied once answered: Serve's batch loop keeps its
+    last batch referenced until the next one arrives, which would keep an evicted model alive."""
+
+    model: TenantModel | None
+    encoded: EncodedRows | None
 
 
 class StudentRouter:
@@ -78,7 +87,7 @@ class StudentRouter:
         self._start_reloader()
         model = (await self._slot(tenant)).current
         encoded = encode_rows(request.rows, model.spec, self.config.max_rows_per_request)
-        result = await self._answer((model, encoded))
+        result = await self._answer(BatchItem(model, encoded))
         if isinstance(result, Exception):
             raise result
         probabilities, version = result
@@ -135,27 +144,30 @@ class StudentRouter:
 
     def _run_batch(self, items: list[BatchItem]) -> list[BatchResult]:
         """One forward pass per tenant model in the batch; a failing model fails only its own requests."""
-        by_model: dict[int, list[int]] = {}
-        for i, (model, _) in enumerate(items):
-            by_model.setdefault(id(model), []).append(i)
-        results: list[BatchResult] = [None] * len(items)  # type: ignore[list-item]
-        for idx in by_model.values():
-            model = items[idx[0]][0]
-            parts = [items[i][1] for i in idx]
+        by_model: dict[int, list[BatchItem]] = {}
+        for item in items:
+            by_model.setdefault(id(item.model), []).append(item)
+        results: dict[int, BatchResult] = {}
+        for group in by_model.values():
+            model = group[0].model
+            assert model is not None
+            parts = [item.encoded for item in group]
             try:
                 probs = model.predict(parts)
             except Exception as exc:  # a broken checkpoint must not take other tenants' requests down
                 logger.exception("forward pass of %s@%s failed", model.tenant, model.version)
-                for i in idx:
-                    results[i] = exc
+                results.update((id(item), exc) for item in group)
                 continue
             start = 0
-            for i, part in zip(idx, parts, strict=True):
-                results[i] = (probs[start : start + part.num_rows], model.version)
+            for item, part in zip(group, parts, strict=True):
+                results[id(item)] = (probs[start : start + part.num_rows], model.version)
                 start += part.num_rows
             self.batched_rows += start
         self.batches += 1
-        return results
+        answers = [results[id(item)] for item in items]
+        for item in items:
+            item.model = item.encoded = None
+        return answers
 
     def _start_reloader(self) -> None:
         if self._reloader is None or self._reloader.done():
@@ -164,11 +176,15 @@ class StudentRouter:
     async def _reload_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.reload_interval_s)
-            loaded = list(self._slots.items())  # snapshot on the loop thread, which mutates the dict
             try:
-                await asyncio.to_thread(_reload_changed, self.store, loaded)
+                await self._reload_once()
             except Exception:  # keep serving the versions we have; the next round tries again
                 logger.exception("checking for new student checkpoints failed")
+
+    async def _reload_once(self) -> None:
+        # The snapshot is taken on the loop thread, which mutates the dict, and dropped on return:
+        # held across the sleep, it would keep evicted tenants' models alive.
+        await asyncio.to_thread(_reload_changed, self.store, list(self._slots.items()))
 
 
 def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]]) -> None:
@@ -181,4 +197,4 @@ def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]]) -
 
 
 def _rows_in(items: list[BatchItem]) -> int:
-    return sum(encoded.num_rows for _, encoded in items)
+    return sum(item.encoded.num_rows for item in items if item.encoded is not None)

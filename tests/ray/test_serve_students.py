@@ -22,6 +22,7 @@ from tests.serving_helpers import expected_probabilities, published_model, rows_
 pytestmark = pytest.mark.ray
 
 RELOAD_S = 0.5
+MAX_MODELS = 2  # of 3 tenants: every replica must evict
 SERVING_CLASSES = {"ServingStudent", "EmbeddingBagCollection", "ModuleDict", "EmbeddingBag", "Linear", "MLP",
                    "Perceptron", "Sequential", "ReLU"}  # fmt: skip
 
@@ -33,7 +34,7 @@ def service(ray_cluster, tmp_path_factory):
     from jobs import serving
 
     root = tmp_path_factory.mktemp("store")
-    publish_synthetic_students(root, num_tenants=2)
+    publish_synthetic_students(root, num_tenants=3)
     cfg = ServeConfig(
         store_root=root,
         port=free_port(),
@@ -41,6 +42,7 @@ def service(ray_cluster, tmp_path_factory):
         num_replicas=2,
         replica_cpus=0.5,
         reload_interval_s=RELOAD_S,
+        max_models_per_replica=MAX_MODELS,
         max_rows_per_request=64,
         max_batch_rows=256,
     )
@@ -79,7 +81,7 @@ def test_two_tenants_answer_with_their_own_students(service):
         assert body["tenant"] == tenant and body["version"] == store.latest(tenant).version
         assert body["probabilities"] == pytest.approx(expected_probabilities(model, meta, rows), abs=1e-5)
         answers[tenant] = body["probabilities"]
-    assert len(answers) == 2 and answers["feed"] != answers["stories"]
+    assert len(answers) == 3 and answers["feed"] != answers["stories"]
     listed = client.get("/v1/tenants").json()["tenants"]
     assert {t["tenant"]: t["version"] for t in listed} == {t: store.latest(t).version for t in store.tenants()}
     assert client.get("/v1/health").json()["status"] == "ok"
@@ -165,6 +167,16 @@ def test_serving_processes_hold_only_the_serving_path(service):
         live = info["live_modules"]
         assert set(live) <= SERVING_CLASSES, live  # no Student, StudentAdapter, FoundationModel, aux head
         assert live["ServingStudent"] == len(info["loaded"])
+
+
+def test_each_replica_keeps_a_bounded_lru_of_tenant_models(service):
+    cfg, store, client = service
+    for _ in range(4):
+        for tenant in store.tenants():
+            assert _predict(client, tenant, rows_for(store, tenant, 1)).status_code == 200
+    for info in _inspect_every_replica(cfg):
+        assert 1 <= len(info["loaded"]) <= MAX_MODELS
+        assert info["live_modules"]["ServingStudent"] == len(info["loaded"])  # evicted models are freed
 
 
 def test_a_new_checkpoint_is_served_within_the_reload_delay(service):
