@@ -103,21 +103,20 @@ def encode_rows(rows: Sequence[PredictRow], spec: RowSpec, max_rows: int) -> Enc
                 issues.append(RowIssue(("body", "rows", r, "sparse", f), "several ids for a single-valued feature"))
             ids[f].extend(values)
             lengths[f].append(len(values))
-        if len(sparse) > len(spec.features) or any(f not in spec.cardinality for f in sparse):
-            for f in sparse:
-                if f not in spec.cardinality:
-                    msg = f"unknown feature; this tenant takes {list(spec.features)}"
-                    issues.append(RowIssue(("body", "rows", r, "sparse", f), msg))
-        values = row.dense
+        for f in sparse:
+            if f not in spec.cardinality:
+                msg = f"unknown feature; this tenant takes {list(spec.features)}"
+                issues.append(RowIssue(("body", "rows", r, "sparse", f), msg))
+        given = row.dense
         for d in spec.dense:
-            if d not in values:
+            if d not in given:
                 issues.append(RowIssue(("body", "rows", r, "dense", d), "missing dense value"))
-        for d in values:
+        for d in given:
             if d not in spec.dense:
                 msg = f"unknown dense input; expected {list(spec.dense)}"
                 issues.append(RowIssue(("body", "rows", r, "dense", d), msg))
         if not issues:
-            dense.append([values[d] for d in spec.dense])
+            dense.append([given[d] for d in spec.dense])
         if len(issues) >= MAX_REPORTED_ISSUES:
             break
     if issues:
