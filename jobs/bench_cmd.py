@@ -55,17 +55,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _config_from_yaml(path: Path):
-    import yaml
-
-    from exfm_ray.errors import ConfigError
     from exfm_ray.serving.config import ServeConfig
+    from jobs.serve_cmd import load_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
     # The bench publishes its own students: a placeholder root keeps the YAML's other fields.
-    return ServeConfig.parse({"store_root": ".", **data}, source=str(path))
+    return ServeConfig.parse({"store_root": ".", **load_yaml(path)}, source=str(path))
 
 
 def _table(r: dict) -> str:

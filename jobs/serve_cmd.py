@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings) -> ServeConfig:
-    data = _yaml(args.config) if args.config else {}
+    data = load_yaml(args.config) if args.config else {}
     data.setdefault("store_root", str(settings.store_root))
     for key, value in (("store_root", args.store), ("host", args.host), ("port", args.port)):
         if value is not None:
@@ -80,7 +80,7 @@ def curl_example(url: str, store, tenant: str) -> str:
     )
 
 
-def _yaml(path: Path) -> dict:
+def load_yaml(path: Path) -> dict:
     import yaml
 
     try:
