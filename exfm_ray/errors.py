@@ -28,3 +28,11 @@ class FMUnavailable(ExfmError):
     """The FM group cannot answer now (a gang is rebuilding or not started). Retryable."""
 
     retryable = True
+
+
+class TenantNotFound(ExfmError, LookupError):
+    """No published checkpoint for the tenant (HTTP 404 when serving)."""
+
+    def __init__(self, tenant: str):
+        super().__init__(f"unknown tenant {tenant!r}: no published student checkpoint")
+        self.tenant = tenant

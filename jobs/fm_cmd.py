@@ -64,7 +64,7 @@ def _sharding(args) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from exfm_ray.fm.model import FMConfig
+    from exfm_ray.fm.config import FMConfig
     from exfm_ray.fm.train_job import FMTrainConfig, train_fm
 
     cfg = FMTrainConfig.parse(

@@ -15,7 +15,13 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray cluster address; unset = a local Ray (EXFM_RAY_ADDRESS).")
     storage: Path = Field(
         Path("runs/store"),
-        description="Shared storage root: FM registry, augmented windows, checkpoints (EXFM_STORAGE).",
+        description="Shared storage root: FM registry, augmented windows, tenants, published students "
+        "(EXFM_STORAGE); serving reads <storage>/students.",
+    )
+    serve_fast_ingress: bool = Field(
+        True,
+        description="Start a local Ray with Serve's HAProxy ingress and throughput mode "
+        "(EXFM_SERVE_FAST_INGRESS); see docs/benchmarks.md for what each setting buys.",
     )
 
     def resolved_data_dir(self) -> Path | None:

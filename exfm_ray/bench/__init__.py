@@ -1,0 +1,1 @@
+"""Benchmarks: load generators and measurements; jobs/ wires the servers they measure."""

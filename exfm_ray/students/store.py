@@ -74,6 +74,11 @@ class StudentStore:
         return read_meta(pub.path) if pub else None
 
 
+def valid_name(value: str) -> bool:
+    """Tenant and version names are plain path segments: letters, digits, '_', '.', '-'."""
+    return bool(_NAME.match(value)) and value not in (".", "..")
+
+
 def _check_name(value: str, field: str) -> None:
-    if not _NAME.match(value):
+    if not valid_name(value):
         raise ConfigError(f"{field} {value!r} must use only letters, digits, '_', '.', '-'")

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -17,19 +18,39 @@ FROZEN = {
         "--fm-params", "--tables", "--gpus", "--hbm-gb", "--ddr-gb", "--local-world-size", "--embedding-dim",
         "--json",
     },
+    "augment": {
+        "--address", "--attribution-s", "--batch-size", "--group", "--labels", "--storage", "--stream", "--windows",
+    },
+    "fm": set(),
+    "fm start": {"--address", "--name", "--replicas", "--sharding", "--shards", "--storage", "--version"},
+    "fm status": {"--address", "--json", "--name", "--storage"},
+    "fm stop": {"--address", "--json", "--name", "--storage"},
+    "fm switch": {"--address", "--name", "--storage", "--version"},
+    "fm train": {
+        "--address", "--name", "--retrain", "--sharding", "--size", "--storage", "--stream", "--through-window",
+        "--workers",
+    },
+    "stream": {"--data", "--data-dir", "--dataset", "--mapping", "--out", "--rows-per-window", "--windows"},
+    "serve": {"--config", "--store", "--host", "--port", "--address", "--demo"},
+    "bench serve": {"--json", "--config", "--requests", "--seconds", "--concurrency", "--rows"},
 }  # fmt: skip
 
 
-def _options(parser) -> dict[str, set[str]]:
-    sub = next(a for a in parser._actions if a.dest == "command")
-    return {
-        name: {o for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
-        for name, p in sub.choices.items()
-    }
+def _options(parser, prefix: str = "") -> dict[str, set[str]]:
+    """Options of every (sub-)command, keyed by its words, e.g. 'bench serve'."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, p in action.choices.items():
+                words = f"{prefix} {name}".strip()
+                found[words] = {o for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+                found.update(_options(p, words))
+    return found
 
 
 def test_cli_options_are_frozen():
     options = _options(build_parser())
+    assert set(options) == set(FROZEN) | {"bench"}
     for command, expected in FROZEN.items():
         assert options[command] == expected, command
 
@@ -62,6 +83,21 @@ def test_user_errors_print_one_line_without_traceback(argv, message, capsys, tmp
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.startswith("exfm experiment: error:")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--store", "{tmp}/empty"], "no published student"),
+        (["serve", "--store", "{tmp}", "--port", "70000"], "port"),
+        (["serve", "--config", "{tmp}/missing.yaml"], "no such file"),
+        (["bench", "serve", "--rows", "0"], "--rows"),
+    ],
+)
+def test_serve_and_bench_user_errors_exit_2_before_starting_ray(argv, message, capsys, tmp_path):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_mapping_key_is_named(tmp_path, capsys):

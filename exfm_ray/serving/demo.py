@@ -1,0 +1,68 @@
+"""Synthetic students to serve when no tenant has trained one yet, and valid example rows.
+
+Used by `exfm serve --demo`, the serving benchmark and the serving tests: every student is a real
+`Student` with aux heads and adapter (variant ah_sa), trained briefly on a synthetic window and
+published through the StudentStore, so serving sees exactly what training would publish.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.schema import StreamSpec
+from exfm_ray.students.checkpoint import StudentMeta, student_meta
+from exfm_ray.students.config import StudentConfig, variant
+from exfm_ray.students.learner import StudentLearner
+from exfm_ray.students.model import Student, build_student
+from exfm_ray.students.store import Published, StudentStore
+
+
+def synthetic_spec_and_stream(num_tenants: int = 2, rows_per_window: int = 2000, seed: int = 0):
+    stream = SyntheticStream(
+        SyntheticConfig(num_windows=2, rows_per_window=rows_per_window, num_tenants=num_tenants, seed=seed)
+    ).stream()
+    return stream.spec, stream
+
+
+def train_student(spec: StreamSpec, stream, tenant: str, *, seed: int = 0, steps: int | None = None) -> Student:
+    """An ah_sa student after one pass (or `steps` batches) over window 0 of the synthetic stream."""
+    torch.manual_seed(seed)
+    cfg, distill = StudentConfig(), variant("ah_sa")
+    student = build_student(spec, tenant, cfg, distill)
+    learner = StudentLearner(student, cfg, distill)
+    t = spec.tenant(tenant)
+    batches = WindowTensors(stream.tenant_rows(0, tenant), spec).batches(cfg.batch_size, t.features, t.dense)
+    for batch in batches[:steps]:
+        learner.step(batch)
+    student.eval()
+    return student
+
+
+def publish_synthetic_students(
+    root: str | Path, *, num_tenants: int = 2, version: str = "demo-1", seed: int = 0
+) -> list[Published]:
+    """Train and publish one student per synthetic tenant under `root` (a StudentStore root)."""
+    spec, stream = synthetic_spec_and_stream(num_tenants, seed=seed)
+    store = StudentStore(root)
+    published = []
+    for i, tenant in enumerate(spec.tenant_names):
+        student = train_student(spec, stream, tenant, seed=seed + i)
+        meta = student_meta(spec, tenant, StudentConfig(), version=version, window=0, variant="ah_sa")
+        published.append(store.publish(student, meta))
+    return published
+
+
+def example_rows(meta: StudentMeta, num_rows: int, seed: int = 0) -> list[dict]:
+    """Valid request rows for a tenant's student: random ids in range, dense values in [0, 1)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        sparse = {f.name: [rng.randrange(f.cardinality)] for f in meta.features}
+        dense = {d: round(rng.random(), 4) for d in meta.dense}
+        rows.append({"sparse": sparse, "dense": dense})
+    return rows
