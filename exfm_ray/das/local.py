@@ -104,3 +104,35 @@ def augment_windows_locally(
         done.append(t)
     store.clear_staging()
     return done
+
+
+class _NoFM:
+    """Windows before the first FM version: rows get no FM label (mask off)."""
+
+    def label(self, table: pa.Table) -> None:
+        return None
+
+
+def augment_stream_locally(stream, storage, fm_cfg, *, fm_delay: int = 1, seed: int = 0) -> list[int]:
+    """The streaming protocol in one process, for tests, benchmarks and small deployments: the FM
+    trained through window t - fm_delay labels window t (windows < fm_delay get the mask off), then
+    every window is committed to the AugmentedStore like the DAS would."""
+    from exfm_ray.fm.learner import FMLearner
+
+    assert fm_delay >= 1, "fm_delay 0 would label a window with an FM trained on it"
+    spec = stream.spec
+    torch.manual_seed(seed)
+    fm = build_fm(spec, fm_cfg)
+    learner = FMLearner(fm, fm_cfg, seed=seed)
+    done = []
+    for t, table in enumerate(stream.windows):
+        labeler: SoftLabeler = _NoFM()
+        k = t - fm_delay
+        if k >= 0:
+            learner.train_window(WindowTensors(stream.windows[k], spec))
+            watermark = int(stream.windows[k].column("event_time").to_numpy().max())
+            version = FMVersion(version=f"local-{k:04d}", path="", watermark=watermark, through_window=k,
+                                spec=spec, fm=fm_cfg)  # fmt: skip
+            labeler = LocalLabeler(fm, version)
+        done += augment_windows_locally({t: table}, labeler, spec, fm.hidden_dim, storage)
+    return done

@@ -1,0 +1,1 @@
+"""Tenants: per-tenant students trained continuously on the augmented stream by Ray Train."""

@@ -1,0 +1,117 @@
+"""Per-tenant training results: one JSON of every window's metrics, a Markdown table and a PNG of
+NE per window per tenant (with the student trained without the FM and the FM itself, if known)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, dict]:
+    """Per tenant: mean NE/AUC (ExFM student, student alone, FM) over windows >= warmup."""
+    out = {}
+    for tenant, history in histories.items():
+        rows = [r for r in history if r["window"] >= warmup]
+        out[tenant] = {
+            "windows": len(history),
+            "ne_mean": _mean(r.get("ne") for r in rows),
+            "auc_mean": _mean(r.get("auc") for r in rows),
+            "control_ne_mean": _mean(r.get("control_ne") for r in rows),
+            "fm_ne_mean": _mean(r.get("fm_ne") for r in rows),
+            "first_ne": history[0].get("ne") if history else None,
+            "last_ne": history[-1].get("ne") if history else None,
+        }
+    return out
+
+
+def markdown(summary: dict[str, dict], warmup: int) -> str:
+    lines = [
+        f"NE after warm-up (windows >= {warmup}), lower is better; 'alone' = same student without the FM.",
+        "",
+        "| tenant | windows | NE (ExFM) | NE (alone) | NE change | FM NE | AUC (ExFM) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tenant, s in sorted(summary.items()):
+        ne, alone = s["ne_mean"], s["control_ne_mean"]
+        change = f"{100 * (ne - alone) / alone:+.2f}%" if _ok(ne) and _ok(alone) else "n/a"
+        lines.append(
+            f"| {tenant} | {s['windows']} | {_f(ne)} | {_f(alone)} | {change} | {_f(s['fm_ne_mean'])} "
+            f"| {_f(s['auc_mean'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(histories: dict[str, list[dict]], path: Path, title: str = "NE per window") -> Path:
+    tenants = sorted(histories)
+    fig, axes = plt.subplots(1, max(len(tenants), 1), figsize=(4.2 * max(len(tenants), 1), 3.6), squeeze=False)
+    for ax, tenant in zip(axes[0], tenants, strict=False):
+        h = histories[tenant]
+        shown = []
+        for key, label, style in (
+            ("ne", "ExFM student", {"marker": "."}),
+            ("control_ne", "student alone", {"linestyle": "--", "marker": "."}),
+            ("fm_ne", "FM", {"linestyle": ":", "color": "black"}),
+        ):
+            pts = [(r["window"], r[key]) for r in h if _ok(r.get(key))]
+            if pts:
+                ax.plot([w for w, _ in pts], [v for _, v in pts], label=label, **style)
+                shown += [v for w, v in pts if w >= 1]
+        if shown:  # the untrained first window would squash the scale
+            lo, hi = min(shown), max(shown)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+        ax.set_title(tenant)
+        ax.set_xlabel("window")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("NE (lower is better)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(histories: dict[str, list[dict]], out_dir: Path, warmup: int = 1) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(histories, warmup)
+    paths = {
+        "json": out_dir / "tenants.json",
+        "markdown": out_dir / "tenants.md",
+        "plot": out_dir / "ne_per_window.png",
+    }
+    payload = {"warmup": warmup, "summary": summary, "windows": histories}
+    paths["json"].write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(summary, warmup))
+    plot(histories, paths["plot"])
+    return paths
+
+
+def _ok(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _mean(values) -> float | None:
+    xs = [v for v in values if _ok(v)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _f(v, fmt: str = ".4f") -> str:
+    return format(v, fmt) if _ok(v) else "n/a"
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj

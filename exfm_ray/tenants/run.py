@@ -1,0 +1,142 @@
+"""One tenant's student walking the augmented windows: evaluate on window t, then train on it.
+
+The one tenant training loop: the Ray Train workers run it (`train_loop.py`) and so does the
+plain in-process baseline of `exfm bench train`. It holds the student (and, with `control`, a
+twin that never sees the FM), the per-window history, and everything a checkpoint must restore.
+Shape letters: N rows of the window, B batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from exfm_ray.data.batching import WindowTensors
+from exfm_ray.metrics import evaluate
+from exfm_ray.students.config import variant
+from exfm_ray.students.learner import GradSync, StudentLearner
+from exfm_ray.students.model import build_student
+from exfm_ray.tenants.config import TenantView
+
+EVAL_BATCH = 4096
+Progress = Callable[[str, int, int], None]
+
+
+class TenantRun:
+    """Args:
+    view: the tenant resolved against the stream (its rows, features, task).
+    rank, world_size: this worker's place among the run's data-parallel workers; each trains on
+        its slice of every global batch, and `grad_sync` averages gradients so replicas agree.
+    """
+
+    def __init__(self, view: TenantView, *, rank: int = 0, world_size: int = 1, grad_sync: GradSync | None = None):
+        cfg = view.tenant
+        self.view = view
+        self.rank, self.world_size = rank, world_size
+        name = cfg.name
+        torch.manual_seed(cfg.seed)
+        self.learner = StudentLearner(build_student(view.spec, name, cfg.student, cfg.distill()), cfg.student,
+                                      cfg.distill(), grad_sync)  # fmt: skip
+        self.control = None
+        if cfg.control:
+            # Same seed, and the shared parts are built first: the twin starts from the same weights.
+            torch.manual_seed(cfg.seed)
+            alone = variant("vm_only")
+            self.control = StudentLearner(build_student(view.spec, name, cfg.student, alone), cfg.student, alone,
+                                          grad_sync)  # fmt: skip
+        self.features = list(view.spec.tenants[0].features)
+        self.dense = list(view.spec.tenants[0].dense)
+        self.history: list[dict] = []
+        self.fm_versions: set[str] = set()
+
+    @property
+    def last_window(self) -> int:
+        return self.history[-1]["window"] if self.history else -1
+
+    def window(self, t: int, augmented: pa.Table, progress: Progress | None = None) -> dict:
+        """Evaluate on this tenant's rows of augmented window t, then train one pass on them.
+        Returns the window's record (also appended to `history`)."""
+        table = self.view.select(augmented)
+        rows = WindowTensors(table, self.view.spec)
+        versions = {v for v in table.column("fm_version").to_pylist() if v}
+        record: dict = {"window": t, "rows": rows.num_rows, "fm_versions": sorted(versions)}
+        record.update(self._evaluate(rows))
+        started = time.perf_counter()
+        losses = self._train(rows, progress)
+        seconds = time.perf_counter() - started
+        record.update(
+            loss=float(np.mean(losses)) if losses else math.nan,
+            train_rows=rows.num_rows,
+            train_s=round(seconds, 4),
+            rows_per_s=rows.num_rows / seconds if seconds > 0 else math.nan,
+            masked_rows=int((~rows.fm_mask).sum()),
+        )
+        self.fm_versions |= versions
+        self.history.append(record)
+        return record
+
+    def healthy(self) -> bool:
+        """A checkpoint worth serving: the last window trained to a finite loss, finite weights."""
+        if not self.history or not math.isfinite(self.history[-1]["loss"]):
+            return False
+        return all(torch.isfinite(p).all() for p in self.learner.model.parameters())
+
+    def _evaluate(self, rows: WindowTensors) -> dict:
+        out: dict = {}
+        if rows.num_rows == 0:
+            return out
+        y = rows.label.numpy()
+        learners = {"": self.learner, "control_": self.control}
+        for prefix, learner in learners.items():
+            if learner is None:
+                continue
+            p = torch.cat([learner.predict(b) for b in rows.batches(EVAL_BATCH, self.features, self.dense)])
+            out.update({f"{prefix}{k}": v for k, v in evaluate(y, p.numpy()).items() if k != "rows"})
+        mask = rows.fm_mask.numpy()
+        if mask.any():
+            fm = evaluate(y[mask], torch.sigmoid(rows.fm_logit[mask]).numpy())
+            out.update(fm_ne=fm["ne"], fm_auc=fm["auc"], fm_rows=int(mask.sum()))
+        return out
+
+    def _train(self, rows: WindowTensors, progress: Progress | None) -> list[float]:
+        """One pass in time order. A global batch holds batch_size rows per worker; each worker
+        trains on its equal slice (a last global batch smaller than the world drops < world rows)."""
+        b, world = self.learner_batch_size, self.world_size
+        starts = list(range(0, rows.num_rows, b * world))
+        losses = []
+        for i, lo in enumerate(starts):
+            n = min(b * world, rows.num_rows - lo) // world
+            if n == 0:
+                continue
+            a = lo + self.rank * n
+            batch = rows.batch(a, a + n, self.features, self.dense)
+            losses.append(self.learner.step(batch)["total"])
+            if self.control is not None:
+                self.control.step(batch)
+            if progress is not None:
+                progress("train", i + 1, len(starts))
+        return losses
+
+    @property
+    def learner_batch_size(self) -> int:
+        return self.view.tenant.student.batch_size
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.learner.state_dict(),
+            "control": self.control.state_dict() if self.control is not None else None,
+            "history": self.history,
+            "fm_versions": sorted(self.fm_versions),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state["student"])
+        if self.control is not None and state["control"] is not None:
+            self.control.load_state_dict(state["control"])
+        self.history = list(state["history"])
+        self.fm_versions = set(state["fm_versions"])
