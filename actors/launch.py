@@ -55,3 +55,36 @@ def stop_fm_group(name: str = "exfm-fm", namespace: str = "exfm") -> bool:
     ray.get(handle.shutdown.remote())
     ray.kill(handle, no_restart=True)
     return True
+
+
+def fit_tenant_task():
+    """Ray task running one tenant's TorchTrainer.fit() (the trainer's own workers hold the CPUs)."""
+    from exfm_ray.tenants.trainer import fit_tenant
+
+    return ray.remote(num_cpus=0, max_retries=0)(fit_tenant)
+
+
+def start_tenant_manager(cfg, *, detached: bool = False):
+    """The named tenant manager; `exfm tenants add` on a running system talks to it."""
+    from actors.tenant_manager import TenantManager
+
+    if find_tenant_manager(cfg.name, cfg.namespace) is not None:
+        raise ExfmError(f"a tenant manager named {cfg.name!r} is already running; wait for it or stop it")
+    return (
+        ray.remote(TenantManager)
+        .options(
+            name=cfg.name,
+            namespace=cfg.namespace,
+            lifetime="detached" if detached else None,
+            num_cpus=0,
+            max_concurrency=100,
+        )
+        .remote(cfg)
+    )
+
+
+def find_tenant_manager(name: str = "exfm-tenants", namespace: str = "exfm"):
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None

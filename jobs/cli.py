@@ -10,7 +10,17 @@ import sys
 import warnings
 
 from exfm_ray.errors import ExfmError
-from jobs import augment_cmd, bench_cmd, experiment_cmd, fm_cmd, plan_cmd, serve_cmd, stream_cmd
+from jobs import (
+    augment_cmd,
+    bench_cmd,
+    experiment_cmd,
+    fm_cmd,
+    plan_cmd,
+    serve_cmd,
+    stream_cmd,
+    tenants_cmd,
+    train_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream_cmd.add_parser(sub)
     fm_cmd.add_parser(sub)
     augment_cmd.add_parser(sub)
+    tenants_cmd.add_parser(sub)
+    train_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     return parser

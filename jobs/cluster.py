@@ -46,3 +46,13 @@ def _ray_cli() -> str:
 
     beside = Path(sys.executable).with_name("ray")
     return str(beside) if beside.exists() else "ray"
+
+
+def try_connect(address: str | None) -> bool:
+    """Join a running cluster if there is one (never start Ray); False if none is reachable."""
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
+    except ConnectionError:
+        return False
+    return True

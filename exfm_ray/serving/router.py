@@ -85,7 +85,10 @@ class StudentRouter:
             # Refuse unknown tenants before the LRU loader, which would log each miss as a load failure.
             await asyncio.to_thread(latest, self.store, tenant)
         self._start_reloader()
-        model = (await self._slot(tenant)).current
+        slot = await self._slot(tenant)
+        # The LRU may still hold a slot dropped from reload checks when the tenant was unpublished.
+        self._slots.setdefault(tenant, slot)
+        model = slot.current
         encoded = encode_rows(request.rows, model.spec, self.config.max_rows_per_request)
         result = await self._answer(BatchItem(model, encoded))
         if isinstance(result, Exception):
@@ -184,16 +187,23 @@ class StudentRouter:
     async def _reload_once(self) -> None:
         # The snapshot is taken on the loop thread, which mutates the dict, and dropped on return:
         # held across the sleep, it would keep evicted tenants' models alive.
-        await asyncio.to_thread(_reload_changed, self.store, list(self._slots.items()))
+        gone = await asyncio.to_thread(_reload_changed, self.store, list(self._slots.items()))
+        for tenant in gone:  # unpublished: the next request checks the store again and gets 404
+            self._slots.pop(tenant, None)
 
 
-def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]]) -> None:
-    """Swap in the published version of every loaded tenant whose LATEST.json moved (runs in a thread)."""
+def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]]) -> list[str]:
+    """Swap in the published version of every loaded tenant whose LATEST.json moved (runs in a
+    thread); returns the tenants no longer published."""
+    gone = []
     for tenant, slot in loaded:
         pub = store.latest(tenant)
-        if pub is not None and pub.version != slot.current.version:
+        if pub is None:
+            gone.append(tenant)
+        elif pub.version != slot.current.version:
             slot.current = load_published(pub)  # one reference assignment: requests see old or new
             logger.info("tenant %s now served by version %s", tenant, pub.version)
+    return gone
 
 
 def _rows_in(items: list[BatchItem]) -> int:

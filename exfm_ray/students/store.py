@@ -49,6 +49,14 @@ class StudentStore:
         )
         return published
 
+    def unpublish(self, tenant: str) -> bool:
+        """Stop serving a tenant: its LATEST.json goes (versions stay on storage). False if none."""
+        pointer = self.root / tenant / LATEST
+        if not valid_name(tenant) or not pointer.exists():
+            return False
+        pointer.unlink()
+        return True
+
     def latest(self, tenant: str) -> Published | None:
         pointer = self.root / tenant / LATEST
         if not pointer.exists():

@@ -33,6 +33,11 @@ FROZEN = {
     "stream": {"--data", "--data-dir", "--dataset", "--mapping", "--out", "--rows-per-window", "--windows"},
     "serve": {"--config", "--store", "--host", "--port", "--address", "--demo"},
     "bench serve": {"--json", "--config", "--requests", "--seconds", "--concurrency", "--rows"},
+    "tenants": set(),
+    "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
+    "tenants list": {"--address", "--json", "--storage"},
+    "tenants remove": {"--address", "--storage"},
+    "train": {"--address", "--follow", "--max-concurrent", "--no-progress", "--out", "--storage", "--windows"},
 }  # fmt: skip
 
 
