@@ -1,0 +1,163 @@
+"""Tenants without Ray: config checks against the stream, the registry, the one tenant loop and
+its checkpoint state, the report."""
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from exfm_ray.das.local import augment_stream_locally
+from exfm_ray.das.store import AugmentedStore
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.errors import ConfigError
+from exfm_ray.fm.config import FMConfig
+from exfm_ray.tenants.config import TenantConfig, resolve
+from exfm_ray.tenants.registry import TenantRegistry
+from exfm_ray.tenants.report import write_report
+from exfm_ray.tenants.run import TenantRun
+from jobs.cli import main
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tenants")
+    stream = SyntheticStream(SyntheticConfig(num_windows=3, rows_per_window=1500, num_tenants=3)).stream()
+    stream.write(root / "stream")
+    augment_stream_locally(stream, root, FMConfig(size=1))
+    return root, AugmentedStore(root)
+
+
+def test_a_tenant_defaults_to_its_stream_tenants_rows_features_and_task(augmented):
+    _, store = augmented
+    spec = store.spec()
+    view = resolve(TenantConfig(name="stories"), spec)
+    stream_tenant = spec.tenant("stories")
+    assert view.sources == ["stories"]
+    assert view.spec.tenants[0].features == stream_tenant.features
+    assert view.spec.tasks == [stream_tenant.task]
+    table = view.select(store.read_window(1, columns=view.columns))
+    original = store.read_window(1, tenant="stories")
+    assert table.num_rows == original.num_rows > 0
+    assert set(table.column("tenant").to_pylist()) == {"stories"}
+    # several sources: rows of both, features both log
+    both = resolve(TenantConfig(name="mix", rows=["feed", "stories"]), spec)
+    assert "feed_slot" not in both.spec.tenants[0].features and "user_id" in both.spec.tenants[0].features
+    rows = both.select(store.read_window(1, columns=both.columns))
+    assert rows.num_rows == original.num_rows + store.read_window(1, tenant="feed").num_rows
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        ({"name": "x", "rows": ["feed"], "features": ["user_id", "nope"]}, "'features'"),
+        ({"name": "x", "rows": ["nobody"]}, "'rows'"),
+        ({"name": "unknown_tenant"}, "'rows'"),
+        ({"name": "x", "rows": ["feed"], "dense": ["nope"]}, "'dense'"),
+        ({"name": "x", "rows": ["feed"], "task": "buy"}, "'task'"),
+        ({"name": "bad/name", "rows": ["feed"]}, "'name'"),
+    ],
+)
+def test_a_tenant_naming_unknown_things_is_rejected_with_the_field(augmented, cfg, field):
+    _, store = augmented
+    with pytest.raises(ConfigError, match=field):
+        resolve(TenantConfig.parse(cfg), store.spec())
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        ({"name": "x", "knobs": {"w": -1}}, "knobs.w"),
+        ({"name": "x", "variant": "magic"}, "variant"),
+        ({"name": "x", "student": {"size": 0}}, "student.size"),
+        ({"name": "x", "workers": 0}, "workers"),
+        ({"name": "x", "typo": 1}, "typo"),
+    ],
+)
+def test_invalid_knobs_are_rejected_with_the_field(cfg, field):
+    with pytest.raises(ConfigError, match=field):
+        TenantConfig.parse(cfg)
+
+
+def test_registry_add_remove_and_a_new_generation_after_removal(tmp_path):
+    reg = TenantRegistry(tmp_path)
+    reg.add(TenantConfig(name="feed"))
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.add(TenantConfig(name="feed"))
+    assert reg.get("feed").run_name == "feed-g1"
+    reg.remove("feed")
+    assert reg.active() == []
+    with pytest.raises(ConfigError, match="no active tenant"):
+        reg.remove("feed")
+    again = reg.add(TenantConfig(name="feed", variant="vm_only"))
+    assert again.run_name == "feed-g2" and reg.get("feed").config.variant == "vm_only"
+
+
+def test_concurrent_registrations_lose_nothing(tmp_path):
+    reg = TenantRegistry(tmp_path)
+    threads = [threading.Thread(target=reg.add, args=(TenantConfig(name=f"t{i}"),)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(reg.entries()) == sorted(f"t{i}" for i in range(16))
+
+
+def test_a_restored_run_continues_exactly_like_an_uninterrupted_one(augmented):
+    _, store = augmented
+    view = resolve(TenantConfig(name="feed", control=True, student={"batch_size": 64}), store.spec())
+    torch.set_num_threads(1)
+    straight = TenantRun(view)
+    records = [straight.window(t, store.read_window(t, columns=view.columns)) for t in range(3)]
+    assert [r["window"] for r in straight.history] == [0, 1, 2]
+    assert "fm_ne" not in records[0] and records[1]["fm_rows"] == records[1]["rows"]  # window 0: no FM yet
+    assert records[2]["ne"] < records[0]["ne"]
+
+    first = TenantRun(view)
+    first.window(0, store.read_window(0, columns=view.columns))
+    first.window(1, store.read_window(1, columns=view.columns))
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)  # what a checkpoint holds
+    saved.seek(0)
+    resumed = TenantRun(view)
+    resumed.load_state_dict(torch.load(saved, weights_only=False))
+    last = resumed.window(2, store.read_window(2, columns=view.columns))
+    assert resumed.last_window == 2 and [r["window"] for r in resumed.history] == [0, 1, 2]
+    for key in ("ne", "auc", "control_ne", "loss"):
+        np.testing.assert_allclose(last[key], records[2][key], rtol=1e-5)
+    assert resumed.healthy()
+
+
+def test_report_summarizes_what_the_windows_say(tmp_path):
+    histories = {
+        "feed": [
+            {"window": 0, "ne": 2.0, "control_ne": 2.0, "auc": 0.5},
+            {"window": 1, "ne": 0.9, "control_ne": 1.0, "fm_ne": 0.8, "auc": 0.7},
+            {"window": 2, "ne": 0.8, "control_ne": 0.9, "fm_ne": 0.7, "auc": 0.8},
+        ]
+    }
+    paths = write_report(histories, tmp_path, warmup=1)
+    summary = json.loads(paths["json"].read_text())["summary"]["feed"]
+    assert summary["ne_mean"] == pytest.approx(0.85) and summary["control_ne_mean"] == pytest.approx(0.95)
+    assert summary["fm_ne_mean"] == pytest.approx(0.75) and summary["first_ne"] == 2.0
+    assert "| feed | 3 | 0.8500 | 0.9500 | -10.53% | 0.7500 | 0.7500 |" in paths["markdown"].read_text()
+    assert paths["plot"].stat().st_size > 10_000
+
+
+def test_tenants_cli_validates_before_registering(augmented, monkeypatch, capsys, tmp_path):
+    root, _ = augmented
+    monkeypatch.setattr("jobs.cluster.try_connect", lambda address: False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rows: [feed]\nfeatures: [user_id, nope]\n")
+    assert main(["tenants", "add", "x", "--config", str(bad), "--storage", str(root)]) == 2
+    assert "field 'features'" in capsys.readouterr().err
+    assert main(["tenants", "add", "stories", "--storage", str(root)]) == 0
+    assert main(["tenants", "list", "--json", "--storage", str(root)]) == 0
+    rows = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert [(r["tenant"], r["status"], r["windows_trained"]) for r in rows] == [("stories", "active", 0)]
+    assert main(["tenants", "remove", "stories", "--storage", str(root)]) == 0
+    assert TenantRegistry(root).get("stories").status == "removed"
