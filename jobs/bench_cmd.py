@@ -10,9 +10,45 @@ from jobs.settings import Settings
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (serve: Ray Serve vs plain uvicorn)")
+    p = sub.add_parser("bench", help="benchmarks, each against an in-process baseline measured in the same run")
     what = p.add_subparsers(dest="bench", required=True)
     _add_serve(what)
+    _add_train(what)
+
+
+def _add_train(what) -> None:
+    p = what.add_parser("train", help="tenant training: plain loop vs Ray Train, and 2 tenants at once vs 1")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--rows-per-window", type=int, default=80_000, help="synthetic examples per window")
+    p.add_argument("--windows", type=int, default=4, help="windows each tenant trains on")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each arm keeps its best")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from exfm_ray.errors import ConfigError
+    from jobs.bench_train import run_train_bench
+    from jobs.cluster import connect
+
+    if args.windows < 2 or args.rows_per_window < 1000 or args.rounds < 1:
+        raise ConfigError("--windows must be >= 2, --rows-per-window >= 1000 and --rounds >= 1")
+    connect(Settings().ray_address)
+    results = run_train_bench(rows_per_window=args.rows_per_window, windows=args.windows, rounds=args.rounds)
+    print(
+        f"| plain loop | Ray Train | ratio | 1 tenant | 2 tenants | scaling |\n|---|---|---|---|---|---|\n"
+        f"| {results['plain_rows_per_s']:,.0f} rows/s | {results['ray_rows_per_s']:,.0f} rows/s | "
+        f"{results['ratio']:.2f} | {results['one_tenant_rows_per_s']:,.0f} rows/s | "
+        f"{results['two_tenants_rows_per_s']:,.0f} rows/s | {results['scaling']:.2f} |"
+    )
+    _write_json(args.json, results)
+    return 0
+
+
+def _write_json(path: Path | None, results: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"json: {path}")
 
 
 def _add_serve(what) -> None:
@@ -47,10 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config=config,
     )
     print(_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"json: {args.json}")
+    _write_json(args.json, results)
     return 0
 
 

@@ -146,4 +146,3 @@ def write_tenant_report(storage: Path, out: Path, tenants: list[str]) -> dict:
     if not any(histories.values()):
         raise ExfmError("no tenant trained a window; see the errors above")
     return write_report(histories, out)
-

@@ -61,6 +61,7 @@ class TenantRun:
     def window(self, t: int, augmented: pa.Table, progress: Progress | None = None) -> dict:
         """Evaluate on this tenant's rows of augmented window t, then train one pass on them.
         Returns the window's record (also appended to `history`)."""
+        began = time.time()
         table = self.view.select(augmented)
         rows = WindowTensors(table, self.view.spec)
         versions = {v for v in table.column("fm_version").to_pylist() if v}
@@ -75,6 +76,8 @@ class TenantRun:
             train_s=round(seconds, 4),
             rows_per_s=rows.num_rows / seconds if seconds > 0 else math.nan,
             masked_rows=int((~rows.fm_mask).sum()),
+            started_at=began,
+            ended_at=time.time(),
         )
         self.fm_versions |= versions
         self.history.append(record)

@@ -33,6 +33,7 @@ FROZEN = {
     "stream": {"--data", "--data-dir", "--dataset", "--mapping", "--out", "--rows-per-window", "--windows"},
     "serve": {"--config", "--store", "--host", "--port", "--address", "--demo"},
     "bench serve": {"--json", "--config", "--requests", "--seconds", "--concurrency", "--rows"},
+    "bench train": {"--json", "--rows-per-window", "--windows", "--rounds"},
     "tenants": set(),
     "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
     "tenants list": {"--address", "--json", "--storage"},
