@@ -14,6 +14,55 @@ def add_parser(sub) -> None:
     what = p.add_subparsers(dest="bench", required=True)
     _add_serve(what)
     _add_train(what)
+    _add_fm(what)
+    _add_das(what)
+
+
+def _add_fm(what) -> None:
+    p = what.add_parser("fm", help="rows/s the FM group labels with 1 and 2 ranks vs the same FM in-process")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--rows", type=int, default=32_768, help="rows labeled per measurement")
+    p.add_argument("--fm-size", type=int, default=5, help="FM size dial")
+    p.set_defaults(run=run_fm)
+
+
+def _add_das(what) -> None:
+    p = what.add_parser("das", help="the DAS (Ray Data + FM group) vs the FM forward in-process, rows/s and ratio")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--rows", type=int, default=60_000, help="examples in the benchmark window")
+    p.add_argument("--fm-size", type=int, default=5, help="FM size dial (the FM is the DAS's expensive part)")
+    p.add_argument("--shards", type=int, default=2, help="FM ranks in the group")
+    p.set_defaults(run=run_das)
+
+
+def run_fm(args: argparse.Namespace) -> int:
+    from jobs.bench_fm import FMBenchConfig, run_fm_bench
+    from jobs.cluster import connect
+
+    cfg = FMBenchConfig.parse({"rows": args.rows, "fm_size": args.fm_size}, source="exfm bench fm")
+    connect(Settings().ray_address, num_cpus=4)  # 2 ranks + supervisor time-share the cores
+    results = run_fm_bench(cfg)
+    _write_json(args.json, results)
+    return 0
+
+
+def run_das(args: argparse.Namespace) -> int:
+    from jobs.augment_cmd import quiet_ray_data
+    from jobs.bench_das import DasBenchConfig, run_das_bench
+    from jobs.cluster import connect
+
+    cfg = DasBenchConfig.parse(
+        {"rows": args.rows, "fm_size": args.fm_size, "shards": args.shards}, source="exfm bench das"
+    )
+    connect(Settings().ray_address, num_cpus=4)
+    quiet_ray_data()
+    results = run_das_bench(cfg)
+    print(
+        f"in-process FM forward {results['inprocess_rows_per_s']:,.0f} rows/s | DAS {results['das_rows_per_s']:,.0f} "
+        f"rows/s | ratio {results['ratio']:.2f}"
+    )
+    _write_json(args.json, results)
+    return 0
 
 
 def _add_train(what) -> None:

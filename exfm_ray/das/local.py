@@ -95,7 +95,7 @@ def augment_windows_locally(
             window=t,
             input_rows=table.num_rows,
             output_rows=out.num_rows,
-            fm_calls=int(first_occurrence(table.column("example_id").to_numpy()).sum()),
+            fm_calls=_labeled_examples(out),
             fm_versions=versions,
             masked_rows=int((~out.column("fm_mask").to_numpy(zero_copy_only=False)).sum()),
             duration_s=round(time.perf_counter() - start, 3),
@@ -104,6 +104,11 @@ def augment_windows_locally(
         done.append(t)
     store.clear_staging()
     return done
+
+
+def _labeled_examples(out: pa.Table) -> int:
+    labeled = out.column("fm_version").is_valid().to_numpy(zero_copy_only=False)
+    return len(np.unique(out.column("example_id").to_numpy()[labeled]))
 
 
 class _NoFM:

@@ -20,13 +20,14 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.das.columns import FM_VERSION, first_occurrence
+from exfm_ray.das.columns import FM_VERSION, first_occurrence, label_table
 from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
 from exfm_ray.das.store import AugmentedStore, WindowRecord
 from exfm_ray.das.transforms import FMLabeler, attach_labels, keep_first
@@ -55,12 +56,20 @@ class Augmenter:
     """Augments windows of one stream through a running FM group."""
 
     def __init__(self, cfg: AugmentConfig):
-        import ray
 
         self.cfg = cfg
         self.spec = read_spec(cfg.stream)
         self.store = AugmentedStore(cfg.storage)
-        self.group = ray.get_actor(cfg.group_name, namespace=cfg.group_namespace)
+        self._group = None
+
+    @property
+    def group(self):
+        """The FM group's handle, looked up on first use (windows no FM may label need none)."""
+        import ray
+
+        if self._group is None:
+            self._group = ray.get_actor(self.cfg.group_name, namespace=self.cfg.group_namespace)
+        return self._group
 
     def window_bounds(self, t: int) -> tuple[int, int]:
         starts = self.spec.window_starts
@@ -94,6 +103,17 @@ class Augmenter:
             if progress:
                 progress(result)
         return results
+
+    def augment_unlabeled(self, t: int, emb_dim: int) -> dict:
+        """Commit window t with the FM mask off on every row: no FM version has trained on data
+        before it (the first windows of a stream). Counted as masked rows; nothing is dropped."""
+        if t in self.store.records():
+            return {"window": t, "status": "already_done", "record": self.store.records()[t]}
+        start = time.perf_counter()
+        ids = pq.read_table(window_dir(self.cfg.stream, t), columns=["example_id"]).column("example_id")
+        unique = pa.array(np.unique(ids.to_numpy()))
+        labels = label_table(unique, None, self.spec.tenant_names, emb_dim, int(time.time()))
+        return self._finish(t, labels, start)
 
     def _finish(self, t: int, labels: pa.Table, start: float) -> dict:
         if self.cfg.fault_injection == "after_fm_pass":
@@ -193,7 +213,7 @@ class Augmenter:
             window=t,
             input_rows=input_rows,
             output_rows=written.num_rows,
-            fm_calls=labels.num_rows,
+            fm_calls=labels.num_rows - labels.column(FM_VERSION).null_count,
             fm_versions=sorted({v for v in written.column(FM_VERSION).to_pylist() if v}),
             masked_rows=int((~mask).sum()),
             unlabeled_rows=int(written.column(FM_VERSION).null_count),

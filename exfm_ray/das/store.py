@@ -32,7 +32,7 @@ class WindowRecord(Config):
     window: int = Field(description="Window index.")
     input_rows: int = Field(description="Tenant rows read from the stream window.")
     output_rows: int = Field(description="Augmented rows written (must equal input_rows).")
-    fm_calls: int = Field(description="Examples the FM labeled (unique example_ids).")
+    fm_calls: int = Field(description="Examples the FM labeled (unique example_ids with an FM answer).")
     fm_versions: list[str] = Field(default_factory=list, description="FM versions that labeled rows.")
     masked_rows: int = Field(0, description="Rows with fm_mask False (no FM output or leakage guard).")
     unlabeled_rows: int = Field(0, description="Rows whose FM call failed after the configured wait.")

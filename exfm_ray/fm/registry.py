@@ -63,7 +63,12 @@ class FMRegistry:
         return json.loads(self.manifest.read_text())
 
     def next_version(self) -> str:
-        return f"fm-{len(self._read()['versions']) + 1:04d}"
+        return self.next_versions(1)[0]
+
+    def next_versions(self, n: int) -> list[str]:
+        """Names of the next n versions (a streaming training job publishes several)."""
+        count = len(self._read()["versions"])
+        return [f"fm-{count + i:04d}" for i in range(1, n + 1)]
 
     def version_dir(self, version: str) -> Path:
         return self.root / "versions" / version

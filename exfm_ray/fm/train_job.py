@@ -30,6 +30,14 @@ class FMTrainConfig(Config):
     incremental: bool = Field(True, description="Continue from the current version instead of retraining.")
     seed: int = Field(0, description="Seed of initialization and batch order.")
     max_failures: int = Field(1, ge=0, description="Worker failures Ray Train recovers from (restarts the run).")
+    publish_each_window: bool = Field(
+        False,
+        description="Publish a version after every window (a streaming FM: the DAS of window t+1 can start "
+        "as soon as window t is trained), instead of one version at the end.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description='Custom resources per worker, e.g. {"fm_shard": 1} for FM nodes.'
+    )
 
 
 def train_loop(config: dict) -> dict:
@@ -41,10 +49,10 @@ def train_loop(config: dict) -> dict:
     from exfm_ray.data.stream import read_spec, read_window
     from exfm_ray.fm.learner import FMLearner, pad_rows
     from exfm_ray.fm.model import build_fm
-    from exfm_ray.fm.sharding import dense_optimizer, load_checkpoint, plan_summary, save_checkpoint, shard
+    from exfm_ray.fm.sharding import dense_optimizer, load_checkpoint, plan_summary, shard
 
     cfg = FMTrainConfig.model_validate(config["cfg"])
-    version, base = config["version"], config["base"]
+    versions, base = config["versions"], config["base"]
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     spec = read_spec(cfg.stream)
@@ -58,28 +66,40 @@ def train_loop(config: dict) -> dict:
     )
     first = base["through_window"] + 1 if base is not None else 0
     losses, watermark = {}, base["watermark"] if base is not None else -1
+    published = None
     for t in range(first, cfg.through_window + 1):
         table = read_window(cfg.stream, t, spec)
         watermark = max(watermark, int(table.column("event_time").to_numpy().max()))
         rows = WindowTensors(pad_rows(table, world * cfg.fm.batch_size), spec)
         losses[t] = learner.train_window(rows)
-    path = FMRegistry(cfg.storage).version_dir(version)
+        if cfg.publish_each_window or t == cfg.through_window:
+            meta = FMVersion(
+                version=versions.pop(0),
+                path="",
+                watermark=watermark,
+                through_window=t,
+                spec=spec,
+                fm=cfg.fm,
+                plan={name: p["sharding_type"] for name, p in plan_summary(model.plan).items()},
+                metrics={f"loss_window_{w}": loss for w, loss in losses.items()},
+            )
+            published = _save_and_publish(model, meta, cfg.storage, rank)
+    return published.model_dump(mode="json") if published is not None and rank == 0 else {}
+
+
+def _save_and_publish(model, meta: FMVersion, storage: str, rank: int) -> FMVersion:
+    """Every rank writes its shards; rank 0 publishes once all are on storage."""
+    import torch.distributed as dist
+
+    from exfm_ray.fm.sharding import save_checkpoint
+
+    path = FMRegistry(storage).version_dir(meta.version)
     save_checkpoint(model, path)
-    dist.barrier()  # every rank's shards are on storage before rank 0 publishes
-    if rank != 0:
-        return {}
-    meta = FMVersion(
-        version=version,
-        path=str(path),
-        watermark=watermark,
-        through_window=cfg.through_window,
-        spec=spec,
-        fm=cfg.fm,
-        plan={t: p["sharding_type"] for t, p in plan_summary(model.plan).items()},
-        metrics={f"loss_window_{t}": loss for t, loss in losses.items()},
-    )
-    FMRegistry(cfg.storage).publish(meta)
-    return meta.model_dump(mode="json")
+    dist.barrier()
+    meta = meta.replace(path=str(path))
+    if rank == 0:
+        FMRegistry(storage).publish(meta)
+    return meta
 
 
 def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | None:
@@ -91,17 +111,22 @@ def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | 
     base = registry.current() if cfg.incremental else None
     if base is not None and base.through_window >= cfg.through_window:
         return None
-    version = registry.next_version()
+    first = base.through_window + 1 if base is not None else 0
+    count = cfg.through_window - first + 1 if cfg.publish_each_window else 1
+    versions = registry.next_versions(count)
+    version = versions[-1]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "version": version,
+            "versions": versions,
             "base": base.model_dump(mode="json") if base is not None else None,
         },
         torch_config=TorchConfig(backend=cfg.sharding.backend),
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker},
         ),
         run_config=RunConfig(
             name=run_name or f"fm-train-{version}-{int(time.time())}",
