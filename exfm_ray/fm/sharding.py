@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
@@ -86,8 +87,16 @@ def shard(
         debug=False,
     )
     plan = planner.collective_plan(model, sharders, pg)
+    # TorchRec wraps the dense part in DDP with static_graph=True by default; with our FM that
+    # all-reduced no gradient at all (ranks' dense layers drifted apart: see the FM job's
+    # dense_replica_gap metric). Plain DDP synchronizes every step.
     return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders
+        model,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
+        sharders=sharders,
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False),
     )
 
 

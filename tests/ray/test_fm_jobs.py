@@ -45,6 +45,8 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path):
     assert v1.through_window == 0 and v2.through_window == 1 and registry.current().version == "fm-0002"
     assert v1.watermark < spec.window_starts[1] <= v2.watermark < spec.window_starts[2]
     assert all(np.isfinite(x) for x in [*v1.metrics.values(), *v2.metrics.values()])
+    # 2 ranks: the data-parallel layers stay identical, so rank 0's checkpoint matches what trained.
+    assert v1.metrics["dense_replica_gap"] == v2.metrics["dense_replica_gap"] == 0.0
     assert registry.for_window(spec.window_starts[1]).version == "fm-0001"  # the leakage guard's pick
 
     # Trained with the planner's choice, served column-wise: the DCP checkpoint reshards.
