@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/exfm experiment --dataset synthetic --quick --out runs/demo
+	$(BIN)/exfm run --storage runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -88,3 +88,10 @@ def find_tenant_manager(name: str = "exfm-tenants", namespace: str = "exfm"):
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
         return None
+
+
+def train_fm_task():
+    """Ray task running the FM training job (its TorchTrainer workers hold the CPUs/GPUs)."""
+    from exfm_ray.fm.train_job import train_fm
+
+    return ray.remote(num_cpus=0, max_retries=0)(train_fm)

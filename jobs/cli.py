@@ -16,6 +16,7 @@ from jobs import (
     experiment_cmd,
     fm_cmd,
     plan_cmd,
+    run_cmd,
     serve_cmd,
     stream_cmd,
     tenants_cmd,
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     augment_cmd.add_parser(sub)
     tenants_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
+    run_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     return parser

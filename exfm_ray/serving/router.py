@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fastapi import FastAPI
 from ray import serve
 from torch import nn
 
+from exfm_ray.observability import histogram
 from exfm_ray.serving.api import build_api
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.rows import EncodedRows, encode_rows
@@ -81,6 +83,7 @@ class StudentRouter:
         return build_api(self)
 
     async def predict(self, tenant: str, request: PredictRequest) -> PredictResponse:
+        started = time.perf_counter()
         if tenant not in self._slots:
             # Refuse unknown tenants before the LRU loader, which would log each miss as a load failure.
             await asyncio.to_thread(latest, self.store, tenant)
@@ -94,6 +97,10 @@ class StudentRouter:
         if isinstance(result, Exception):
             raise result
         probabilities, version = result
+        # Per-tenant latency inside the replica (Serve's own metrics are per deployment, not per tenant).
+        histogram("serve_tenant_latency_s", "Predict latency in the replica, per tenant", ("tenant",)).observe(
+            time.perf_counter() - started, {"tenant": tenant}
+        )
         return PredictResponse(tenant=tenant, version=version, probabilities=probabilities)
 
     async def _answer(self, item: BatchItem) -> BatchResult:

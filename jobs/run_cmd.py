@@ -1,0 +1,104 @@
+"""`exfm run`: the whole ExFM loop (FM -> DAS -> students -> Serve) over a stream, then a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+
+from jobs.settings import Settings
+
+LOCAL_CPUS = 8  # logical CPUs of a local Ray: FM ranks, trainers, DAS and Serve time-share the cores
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="the whole ExFM loop over a stream on Ray, ending with a report and served students")
+    p.add_argument("--dataset", choices=["synthetic", "movielens", "frappe"], default="synthetic")
+    p.add_argument("--data", type=Path, help="your own CSV/Parquet click log (with --mapping)")
+    p.add_argument("--mapping", type=Path, help="YAML mapping of your file's columns")
+    p.add_argument("--data-dir", type=Path, help="folder with movielens_100k/ and frappe/")
+    p.add_argument("--windows", type=int, help="number of windows (synthetic, frappe)")
+    p.add_argument("--rows-per-window", type=int, help="examples per window (synthetic)")
+    p.add_argument("--tenants", type=int, help="synthetic tenants (default 2)")
+    p.add_argument("--config", type=Path, help="PipelineConfig YAML (fm, tenants, serve, ...); flags override it")
+    p.add_argument("--storage", type=Path, help="storage root (default EXFM_STORAGE or runs/store)")
+    p.add_argument("--address", help="Ray cluster address (default: EXFM_RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--exit", action="store_true", help="stop serving at the end instead of serving until Ctrl-C")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace, settings: Settings):
+    from exfm_ray.pipeline.config import PipelineConfig
+    from jobs.serve_cmd import load_yaml
+
+    data = load_yaml(args.config) if args.config else {}
+    data["storage"] = str((args.storage or Path(data.get("storage") or settings.storage)).resolve())
+    source = dict(data.get("source") or {})
+    # Demo-sized by default (2 tenants, 6 windows of 10,000 examples); the YAML, then flags, override.
+    synthetic = {"num_tenants": 2, "num_windows": 6, "rows_per_window": 10_000, **(source.get("synthetic") or {})}
+    for key, value in (("num_windows", args.windows), ("rows_per_window", args.rows_per_window),
+                       ("num_tenants", args.tenants)):  # fmt: skip
+        if value:
+            synthetic[key] = value
+    source["synthetic"] = synthetic
+    if args.data or args.mapping:
+        source.update(dataset="byo", data_path=args.data, mapping_path=args.mapping)
+    elif args.dataset != "synthetic":
+        source["dataset"] = args.dataset
+    if args.dataset == "frappe" and args.windows:
+        source["num_windows"] = args.windows
+    source.setdefault("data_dir", args.data_dir or settings.resolved_data_dir())
+    data["source"] = source
+    return PipelineConfig.parse(data, source=str(args.config or "exfm run"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from exfm_ray.students.store import StudentStore
+    from jobs import serving
+    from jobs.augment_cmd import quiet_ray_data
+    from jobs.orchestrator import run_pipeline
+    from jobs.serve_cmd import curl_example
+
+    settings = Settings()
+    cfg = config_from_args(args, settings)
+    # `ray job submit` puts the driver in the cluster through RAY_ADDRESS.
+    address = args.address or settings.ray_address or os.environ.get("RAY_ADDRESS")
+    signal.signal(signal.SIGTERM, _interrupt)
+    serving.start_ray(address, fast_ingress=settings.serve_fast_ingress, num_cpus=None if address else LOCAL_CPUS)
+    own = address is None
+    try:
+        quiet_ray_data()
+        report = run_pipeline(cfg)
+        paths = report["paths"]
+        print(Path(paths["markdown"]).read_text())
+        print(f"report: {paths['markdown']} (plots: {paths['ne_plot']}, {paths['system_plot']})")
+        url = report["serving"].get("url")
+        store = StudentStore(cfg.storage)
+        if url and store.tenants():
+            print(f"query a student:\n  {curl_example(url, store, store.tenants()[0])}")
+        if own and not args.exit and url:
+            print("serving until Ctrl-C")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        if own:  # a local Ray ends with us; on a cluster the students stay served
+            serving.shutdown(serving_config(cfg), own_cluster=True)
+        else:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def serving_config(cfg):
+    from exfm_ray.serving.config import ServeConfig
+
+    return ServeConfig.parse({"store_root": cfg.storage, **cfg.serve}, source="serve")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
