@@ -22,6 +22,7 @@ from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
 from exfm_ray.tenants.run import TenantRun
 from exfm_ray.tenants.trainer import TenantRunConfig
+from jobs.cli import main
 
 pytestmark = pytest.mark.ray
 WINDOWS = 6
@@ -59,7 +60,7 @@ def history(storage, name):
     return reg.read_json(reg.metrics_path(name)) or []
 
 
-def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(source, tmp_path):
+def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(source, tmp_path, ray_cluster):
     storage = tmp_path
     for t in range(4):  # the DAS has finished windows 0..3 so far
         commit(source, storage, t)
@@ -71,10 +72,13 @@ def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(sourc
     try:
         done = manager.train.remote(0, WINDOWS - 1, True)
         wait_until(lambda: len(history(storage, "feed")) >= 1, what="feed's first window")
-        ray.get(manager.add.remote({"name": "search", "control": True}))  # a new tenant joins the running system
+        search = tmp_path / "search.yaml"
+        search.write_text("control: true\nstudent: {size: 1}\n")
+        cli = ["--storage", str(storage), "--address", ray_cluster]
+        # A new tenant joins the running system through the CLI, which finds the running manager.
+        assert main(["tenants", "add", "search", "--config", str(search), *cli]) == 0
         wait_until(lambda: len(history(storage, "feed_tmp")) >= 1, what="feed_tmp's first window")
-        ray.get(manager.remove.remote("feed_tmp"))
-        StudentStore(storage).unpublish("feed_tmp")
+        assert main(["tenants", "remove", "feed_tmp", *cli]) == 0
         wait_until(lambda: ray.get(manager.status.remote())["runs"]["feed_tmp"]["status"] != "running", what="stop")
         for t in range(4, WINDOWS):  # later windows arrive while the runs wait for them
             commit(source, storage, t)

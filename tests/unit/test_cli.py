@@ -40,6 +40,10 @@ FROZEN = {
     "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
     "tenants list": {"--address", "--json", "--storage"},
     "tenants remove": {"--address", "--storage"},
+    "run": {
+        "--dataset", "--data", "--mapping", "--data-dir", "--windows", "--rows-per-window", "--tenants", "--config",
+        "--storage", "--address", "--exit",
+    },
     "train": {"--address", "--follow", "--max-concurrent", "--no-progress", "--out", "--storage", "--windows"},
 }  # fmt: skip
 
@@ -114,3 +118,25 @@ def test_bad_mapping_key_is_named(tmp_path, capsys):
     code = main(["experiment", "--data", str(tmp_path / "log.csv"), "--mapping", str(tmp_path / "m.yaml")])
     assert code == 2
     assert "windowz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [
+        ("jobs.pipeline", ["run", "--exit"]),
+        ("jobs.train_tenants", ["train"]),
+        ("jobs.augment", ["augment"]),
+        ("jobs.train_fm", ["fm", "train"]),
+    ],
+)
+def test_ray_job_entry_points_are_the_cli(module, words, monkeypatch):
+    """`ray job submit -- python -m jobs.X ARGS` runs `exfm WORDS ARGS`: the README's cluster commands."""
+    import runpy
+    import sys
+
+    seen = []
+    monkeypatch.setattr("jobs.cli.main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", [module, "--storage", "/mnt/exfm/store"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__")
+    assert exit_.value.code == 0 and seen == [[*words, "--storage", "/mnt/exfm/store"]]
