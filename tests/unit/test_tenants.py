@@ -161,3 +161,14 @@ def test_tenants_cli_validates_before_registering(augmented, monkeypatch, capsys
     assert [(r["tenant"], r["status"], r["windows_trained"]) for r in rows] == [("stories", "active", 0)]
     assert main(["tenants", "remove", "stories", "--storage", str(root)]) == 0
     assert TenantRegistry(root).get("stories").status == "removed"
+
+
+def test_the_documented_tenant_yaml_resolves_against_the_synthetic_stream(augmented):
+    from pathlib import Path
+
+    from jobs.tenants_cmd import tenant_config
+
+    _, store = augmented
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "tenant.yaml"
+    view = resolve(TenantConfig.parse(tenant_config("feed_small", path)), store.spec())
+    assert view.sources == ["feed"] and view.tenant.control and view.spec.tenants[0].dense == ["bid"]
