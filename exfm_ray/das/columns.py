@@ -33,6 +33,11 @@ def head_columns(heads: list[str]) -> list[str]:
     return [f"fm_logit_{h}" for h in heads] + [f"fm_prob_{h}" for h in heads]
 
 
+def label_columns(heads: list[str]) -> list[str]:
+    """The columns of a label_table (one row per example), in order."""
+    return ["example_id", *head_columns(heads), FM_EMB, FM_VERSION, FM_WATERMARK, DAS_TS]
+
+
 def label_table(example_ids: pa.Array, labels: FMLabels | None, heads: list[str], emb_dim: int, now: int) -> pa.Table:
     """One row per example: its FM outputs, or nulls (labels None: the FM could not answer)."""
     n = len(example_ids)
@@ -67,7 +72,8 @@ def attach(rows: pa.Table, labels: pa.Table, spec: StreamSpec) -> pa.Table:
     """
     pos = pc.index_in(rows.column("example_id"), value_set=labels.column("example_id"))
     found = pc.is_valid(pos)
-    take = pc.fill_null(pos, 0)
+    everywhere = pos.null_count == 0  # the usual case: skip masking (a copy of every column, fm_emb included)
+    take = pos if everywhere else pc.fill_null(pos, 0)
     out = rows
     for name in labels.column_names:
         if name == "example_id":
@@ -77,7 +83,8 @@ def attach(rows: pa.Table, labels: pa.Table, spec: StreamSpec) -> pa.Table:
             if labels.num_rows
             else pa.nulls(rows.num_rows, labels.schema.field(name).type)
         )
-        col = pc.if_else(found, col, pa.scalar(None, col.type))
+        if not everywhere:
+            col = pc.if_else(found, col, pa.scalar(None, col.type))
         out = out.append_column(name, col)
     own = _own_head_logit(out, spec)
     watermark = out.column(FM_WATERMARK)

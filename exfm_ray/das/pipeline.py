@@ -1,16 +1,23 @@
 """The Data Augmentation Service on Ray Data: stream window -> FM group -> augmented Parquet.
 
-Per window t (exfm-method.md section 3):
-1. Leakage guard: the FM group's version must have trained on data strictly before t starts.
-2. FM pass (does not wait for labels): Ray Data reads the window, keeps the first row of each
-   example_id (one FM call per unique example, however many tenants logged it) and streams the
-   batches through an actor pool of thin FMLabeler clients of the FM group, with bounded calls
-   in flight. The FM outputs are staged per window (`_fm/window=t`), so a re-run never re-labels.
-3. Row pass (once the label stream has closed the window's attribution window): Ray Data reads
-   the window again, attaches the FM outputs to every tenant row by example_id, joins delayed
-   labels, and writes Parquet to a staging folder.
-4. Commit: rename the staging folder to window=t, then record it in the manifest. A finished
-   window re-run is a no-op.
+Per range of windows (exfm-method.md section 3):
+1. Leakage guard: the FM group's version must have trained on data strictly before each window.
+2. The driver reads each window and groups its rows by example_id (every tenant row of an example
+   lands in the same batch, `batch_size` examples per batch).
+3. One Ray Data execution for the whole range streams the batches through an actor pool of thin
+   FMLabeler clients of the FM group, several calls in flight per labeler: each batch's first row
+   per example goes to the FM (one FM call per unique example, however many tenants logged it) and
+   the outputs come back attached to every row of the batch.
+4. The driver writes each augmented batch as it arrives (joining delayed labels when a label stream
+   is configured) into a staging folder, so the write overlaps the FM work. A window whose delayed
+   labels have not closed yet (`--labels`) keeps only its FM outputs, staged per window
+   (`_fm/window=t`), and is finished by a later run without calling the FM again.
+5. Commit, in window order: rename the staging folder to window=t, then record it in the manifest.
+   A finished window re-run is a no-op.
+
+Measured on 2 cores (docs/benchmarks.md, "Data Augmentation Service"): the former design ran two
+Ray Data executions per window (read + dedup + FM, then read + attach + write_parquet); its fixed
+cost (two plans, actor pool start, read and write tasks in fresh workers) dominated a window.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.das.columns import FM_VERSION, first_occurrence, label_table
+from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_columns, label_table
 from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
-from exfm_ray.das.store import AugmentedStore, WindowRecord
-from exfm_ray.das.transforms import FMLabeler, attach_labels, keep_first
+from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
 from exfm_ray.data.stream import read_spec, window_dir
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
+
+ROW_GROUP_ROWS = 65_536  # augmented rows buffered per Parquet row group
 
 
 class AugmentConfig(Config):
@@ -40,10 +48,12 @@ class AugmentConfig(Config):
     stream: str = Field(description="Stream folder (spec.json + window=<t>/ Parquet).")
     group_name: str = Field("exfm-fm", description="Actor name of the FM group.")
     group_namespace: str = Field("exfm", description="Ray namespace of the FM group.")
-    batch_size: int = Field(4096, gt=0, description="Rows per FM call.")
+    batch_size: int = Field(4096, gt=0, description="Unique examples per FM call (a batch carries every tenant "
+                            "row of its examples).")  # fmt: skip
     labelers: int = Field(1, ge=1, description="Actors in the FMLabeler pool.")
-    labeler_cpus: float = Field(0.25, gt=0, description="CPUs reserved per labeler (it only waits on the FM).")
-    in_flight_per_labeler: int = Field(2, ge=1, description="Batches in flight per labeler (bounds memory).")
+    labeler_cpus: float = Field(0.25, gt=0, description="CPUs reserved per labeler (it mostly waits on the FM).")
+    in_flight_per_labeler: int = Field(4, ge=1, description="FM calls each labeler runs at once: keeps the FM "
+                                       "ranks fed while batches travel; bounds memory.")  # fmt: skip
     max_wait_s: float = Field(120.0, ge=0, description="How long a batch waits for an unavailable FM before "
                               "its rows are emitted with the FM mask off.")  # fmt: skip
     labels: LabelJoinConfig | None = Field(None, description="Delayed-label stream; None: labels are in the rows.")
@@ -56,11 +66,12 @@ class Augmenter:
     """Augments windows of one stream through a running FM group."""
 
     def __init__(self, cfg: AugmentConfig):
-
         self.cfg = cfg
         self.spec = read_spec(cfg.stream)
         self.store = AugmentedStore(cfg.storage)
         self._group = None
+        self.timings: dict[str, float] = {}  # phases of the last augment_range call, seconds
+        self._last_commit = 0.0
 
     @property
     def group(self):
@@ -83,49 +94,134 @@ class Augmenter:
         return self.augment_range([t])[0]
 
     def augment_range(self, windows: list[int], progress=None) -> list[dict]:
-        """Augment windows in order. The FM pass of every pending window runs as one Ray Data job
-        (one labeler pool for the whole range); rows are attached and committed window by window."""
+        """Augment windows; results (and `progress(result)` calls) come in the order given. The FM
+        work of every pending window runs as one Ray Data job (one labeler pool for the range);
+        windows are committed in that order."""
+        self.timings = {}
+        self._last_commit = 0.0
         done = self.store.records()
-        pending = [t for t in windows if t not in done]
-        version = self._group_version()
-        for t in pending:  # refuse before any work, naming the first offending window
-            check_no_leakage(version, t, self.spec.window_starts[t])
-        start = time.perf_counter()
-        labels = self._fm_pass(pending) if pending else {}
-        results = []
-        for t in windows:
-            if t in done:
-                result = {"window": t, "status": "already_done", "record": done[t]}
-            else:
-                result = self._finish(t, labels[t], start)
-                start = time.perf_counter()
-            results.append(result)
-            if progress:
-                progress(result)
-        return results
+        results = {t: {"window": t, "status": "already_done", "record": done[t]} for t in windows if t in done}
+        pending = list(dict.fromkeys(t for t in windows if t not in done))
+        reported = 0
+
+        def report(result: dict | None = None) -> None:
+            nonlocal reported
+            if result is not None:
+                results[result["window"]] = result
+            while reported < len(windows) and windows[reported] in results:
+                if progress:
+                    progress(results[windows[reported]])
+                reported += 1
+
+        if pending:
+            mark = time.perf_counter()
+            version = self._group_version()
+            for t in pending:  # refuse before any work, naming the first offending window
+                check_no_leakage(version, t, self.spec.window_starts[t])
+            emb_dim = _emb_dim(version)
+            self._phase("fm_version", mark)
+            self._run(pending, emb_dim, report)
+        report()
+        return [results[t] for t in windows]
 
     def augment_unlabeled(self, t: int, emb_dim: int) -> dict:
         """Commit window t with the FM mask off on every row: no FM version has trained on data
         before it (the first windows of a stream). Counted as masked rows; nothing is dropped."""
         if t in self.store.records():
             return {"window": t, "status": "already_done", "record": self.store.records()[t]}
-        start = time.perf_counter()
-        ids = pq.read_table(window_dir(self.cfg.stream, t), columns=["example_id"]).column("example_id")
-        unique = pa.array(np.unique(ids.to_numpy()))
-        labels = label_table(unique, None, self.spec.tenant_names, emb_dim, int(time.time()))
-        return self._finish(t, labels, start)
+        job = _WindowJob(self, t, time.perf_counter())
+        return self._commit(job, job.finish_with(job.null_labels(emb_dim), stage=False))
 
-    def _finish(self, t: int, labels: pa.Table, start: float) -> dict:
-        if self.cfg.fault_injection == "after_fm_pass":
-            _crash()
-        begin, end = self.window_bounds(t)
-        events = None
-        if self.cfg.labels is not None:
-            if label_watermark(self.cfg.labels) < end + self.cfg.labels.attribution_s:
-                return {"window": t, "status": "waiting_for_labels", "record": None}
-            events = read_events(self.cfg.labels, begin, end)
-        record = self._row_pass(t, labels, events, start)
-        return {"window": t, "status": "committed", "record": record}
+    def _run(self, pending: list[int], emb_dim: int, report) -> None:
+        start = time.perf_counter()
+        jobs = [_WindowJob(self, t, start) for t in pending]
+        self._phase("read", start)
+        ready: dict[int, tuple[_WindowJob, dict | None]] = {}
+        next_up = 0
+
+        def finished(job: _WindowJob, result: dict | None) -> None:
+            """Commit (or report as waiting) every window up to the first one still in flight."""
+            nonlocal next_up
+            ready[job.t] = (job, result)
+            while next_up < len(pending) and pending[next_up] in ready:
+                report(self._commit(*ready.pop(pending[next_up])))
+                next_up += 1
+
+        fm_jobs = []
+        for job in jobs:
+            staged = self._fm_labels_path(job.t)
+            if staged.exists():  # FM outputs of an earlier run that waited for delayed labels
+                finished(job, job.finish_with(pq.read_table(staged), stage=False))
+            elif job.table.num_rows == 0:
+                finished(job, job.finish_with(job.null_labels(emb_dim), stage=True))
+            else:
+                fm_jobs.append(job)
+        if fm_jobs:
+            self._fm_stream(fm_jobs, emb_dim, finished)
+
+    def _fm_stream(self, jobs: list[_WindowJob], emb_dim: int, finished) -> None:
+        """One Ray Data execution: grouped batches -> FMLabeler pool -> augmented batches, each
+        written as it arrives."""
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from exfm_ray.das.transforms import FMLabeler
+
+        start = time.perf_counter()
+        by_window = {job.t: job for job in jobs}
+        calls = self.cfg.in_flight_per_labeler
+        # from_blocks: block metadata computed here; from_arrow would run a metadata task per block in a
+        # worker that may be cold (importing Ray Data there: ~2 s per window, measured).
+        blocks = ray.data.from_blocks([block for job in jobs for block in job.batches(self.cfg.batch_size)])
+        ds = blocks.map_batches(
+            FMLabeler,
+            fn_constructor_args=(
+                self.cfg.group_name,
+                self.cfg.group_namespace,
+                self.cfg.max_wait_s,
+                self.spec.to_json(),
+                emb_dim,
+            ),
+            batch_size=None,  # a block is one batch: the driver cut it at example boundaries
+            batch_format="pyarrow",
+            num_cpus=self.cfg.labeler_cpus,
+            compute=ActorPoolStrategy(
+                size=self.cfg.labelers,
+                max_tasks_in_flight_per_actor=calls,
+                max_concurrent_calls_per_actor=calls,
+                enable_true_multi_threading=True,  # FMLabeler is thread-safe; its calls mostly wait
+            ),
+        )
+        self._phase("group_rows", start)
+        mark = time.perf_counter()
+        for bundle in ds.iter_internal_ref_bundles():
+            for ref in bundle.block_refs:
+                out = ray.get(ref)
+                if "first_batch" not in self.timings:
+                    self._phase("first_batch", mark)
+                write = time.perf_counter()
+                for t, part in _split_by_window(out):
+                    job = by_window[t]
+                    job.add(part)
+                    if job.complete:
+                        finished(job, job.close(stage=True))
+                self._phase("driver_write", write)
+        self._phase("fm_stream", mark)
+        missing = [job.t for job in jobs if not job.complete]
+        assert not missing, f"windows {missing} did not come back complete from the FM pass"
+
+    def _commit(self, job: _WindowJob, result: dict | None) -> dict:
+        """Commit a finished window (result None) or pass on a window that waits for labels."""
+        if result is not None:
+            return result
+        mark = time.perf_counter()
+        record = job.record(since=self._last_commit)  # a window's time starts at the previous commit
+        self.store.commit(job.t, job.staged.parent, record, self.spec)
+        _record_metrics(record)
+        self._fm_labels_path(job.t).unlink(missing_ok=True)
+        self._last_commit = time.perf_counter()
+        self._phase("commit", mark)
+        return {"window": job.t, "status": "committed", "record": record}
 
     def _group_version(self) -> FMVersion:
         import ray
@@ -138,93 +234,149 @@ class Augmenter:
     def _fm_labels_path(self, t: int) -> Path:
         return self.store.root / "_fm" / f"window={t}" / "labels.parquet"
 
-    def _fm_pass(self, windows: list[int]) -> dict[int, pa.Table]:
-        """FM outputs per unique example of each window, staged on storage (a re-run reuses them)."""
-        import ray
-        from ray.data import ActorPoolStrategy
+    def _phase(self, name: str, since: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - since, 3)
 
-        staged = {t: pq.read_table(self._fm_labels_path(t)) for t in windows if self._fm_labels_path(t).exists()}
-        todo = [t for t in windows if t not in staged]
-        if not todo:
-            return staged
-        srcs = [str(window_dir(self.cfg.stream, t)) for t in todo]
-        keys = pa.concat_tables(pq.read_table(src, columns=["example_id", "tenant", "window"]) for src in srcs)
-        first = keys.filter(pa.array(first_occurrence(keys.column("example_id").to_numpy())))
-        ds = (
-            ray.data.read_parquet(srcs, partitioning=None)
-            # Batch before the pool: one big block would be one task, and the pool would sit idle.
-            .map_batches(keep_first, fn_args=(first,), batch_format="pyarrow", batch_size=self.cfg.batch_size)
-            .map_batches(
-                FMLabeler,
-                fn_constructor_args=(
-                    self.cfg.group_name,
-                    self.cfg.group_namespace,
-                    self.cfg.max_wait_s,
-                    self.spec.tenant_names,
-                    self._emb_dim(),
-                ),
-                batch_size=self.cfg.batch_size,
-                batch_format="pyarrow",
-                num_cpus=self.cfg.labeler_cpus,
-                compute=ActorPoolStrategy(
-                    size=self.cfg.labelers, max_tasks_in_flight_per_actor=self.cfg.in_flight_per_labeler
-                ),
-            )
-        )
-        labels = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        assert labels.num_rows == first.num_rows, (labels.num_rows, first.num_rows)
-        window_of = first.column("window").take(pc.index_in(labels.column("example_id"), first.column("example_id")))
-        for t in todo:
-            part = labels.filter(pc.equal(window_of, t))
-            path = self._fm_labels_path(t)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(part, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").rename(path)
-            staged[t] = part
-        return staged
 
-    def _emb_dim(self) -> int:
-        from exfm_ray.fm.model import build_fm
+class _WindowJob:
+    """One window in flight: its rows, grouped by example for the FM, and the staging writer."""
 
-        return build_fm(self._group_version().spec, self._group_version().fm, device="meta").hidden_dim
+    def __init__(self, aug: Augmenter, t: int, start: float):
+        self.aug, self.t, self.start = aug, t, start
+        self.table: pa.Table | None = pq.read_table(window_dir(aug.cfg.stream, t), partitioning=None)
+        self.num_rows = self.table.num_rows
+        self.events: pa.Table | None = None
+        self.waiting = False
+        if aug.cfg.labels is not None:
+            begin, end = aug.window_bounds(t)
+            self.waiting = label_watermark(aug.cfg.labels) < end + aug.cfg.labels.attribution_s
+            if not self.waiting:
+                self.events = read_events(aug.cfg.labels, begin, end)
+        self.staged = aug.store.staging_dir(uuid.uuid4().hex) / f"window={t}" / "part-0.parquet"
+        self.rows_in = 0
+        self.buffer: list[pa.Table] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.labels: list[pa.Table] = []  # FM outputs per example, kept only while waiting for labels
+        self.counts = {"written": 0, "fm_calls": 0, "masked": 0, "unlabeled": 0}
+        self.versions: set[str] = set()
+        self.join: dict[str, int] = {}
 
-    def _row_pass(self, t: int, labels: pa.Table, events: pa.Table | None, start: float) -> WindowRecord:
-        import ray
+    def null_labels(self, emb_dim: int) -> pa.Table:
+        """No FM output for any example of the window (its rows get the FM mask off)."""
+        ids = pa.array(np.unique(self.table.column("example_id").to_numpy()), pa.int64())
+        return label_table(ids, None, self.aug.spec.tenant_names, emb_dim, int(time.time()))
 
-        src = str(window_dir(self.cfg.stream, t))
-        staged = self.store.staging_dir(uuid.uuid4().hex) / f"window={t}"
-        label_cfg = self.cfg.labels.model_dump(mode="json") if self.cfg.labels is not None else None
-        (
-            ray.data.read_parquet(src, partitioning=None)
-            .map_batches(
-                attach_labels,
-                fn_args=(labels, self.spec.to_json(), label_cfg, events),
-                batch_format="pyarrow",
-                batch_size=None,
-            )
-            .write_parquet(str(staged))
-        )
-        if self.cfg.fault_injection == "after_write":
+    def batches(self, batch_size: int) -> list[pa.Table]:
+        """The window's rows grouped by example_id, cut every `batch_size` examples."""
+        ids = self.table.column("example_id").to_numpy()
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # examples in order of first row
+        example = rank[inverse]
+        order = np.argsort(example, kind="stable")
+        grouped = self.table.take(pa.array(order))
+        cuts = np.searchsorted(example[order], np.arange(0, len(first), batch_size)).tolist() + [len(ids)]
+        return [grouped.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_in == self.num_rows
+
+    def add(self, rows: pa.Table) -> None:
+        """Augmented rows (every tenant row of their examples) of this window."""
+        self.rows_in += rows.num_rows
+        if self.waiting:
+            self.labels.append(_first_rows(rows).select(label_columns(self.aug.spec.tenant_names)))
+            return
+        version = rows.column(FM_VERSION)
+        labeled = rows.column("example_id").filter(version.is_valid()) if version.null_count else rows["example_id"]
+        self.counts["fm_calls"] += len(np.unique(labeled.to_numpy()))
+        self.counts["masked"] += rows.num_rows - int(pc.sum(rows.column("fm_mask")).as_py() or 0)
+        self.counts["unlabeled"] += version.null_count
+        self.versions |= {v for v in pc.unique(version).to_pylist() if v}
+        if self.events is not None:
+            rows, counts = join_labels(rows, _events_of(self.events, rows), self.aug.spec, self.aug.cfg.labels)
+            for key, n in counts.items():
+                self.join[key] = self.join.get(key, 0) + n
+        self.buffer.append(rows)
+        if sum(b.num_rows for b in self.buffer) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer)
+        self.buffer = []
+        if self.writer is None:
+            self.staged.parent.mkdir(parents=True)
+            self.writer = pq.ParquetWriter(self.staged, table.schema, **parquet_options(table.schema))
+        self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.counts["written"] += table.num_rows
+
+    def finish_with(self, labels: pa.Table, stage: bool) -> dict | None:
+        """Finish the window from its FM outputs per example (staged, or none at all)."""
+        self.add(attach(self.table, labels, self.aug.spec))
+        return self.close(stage)
+
+    def close(self, stage: bool) -> dict | None:
+        """End of the window's rows: stage FM outputs (waiting for labels) or close the file.
+        Returns the result of a waiting window, None for a window ready to commit."""
+        if self.aug.cfg.fault_injection == "after_fm_pass":
             _crash()
-        written = pq.read_table(staged, columns=["fm_mask", FM_VERSION], partitioning=None)
-        input_rows = _rows(src)
-        mask = written.column("fm_mask").to_numpy(zero_copy_only=False)
+        self.table = None  # every row has come back: free the window's input
+        if self.waiting:
+            if stage and self.labels:
+                path = self.aug._fm_labels_path(self.t)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.concat_tables(self.labels), path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").rename(path)
+            return {"window": self.t, "status": "waiting_for_labels", "record": None}
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+        if self.aug.cfg.fault_injection == "after_write":
+            _crash()
+        return None
+
+    def record(self, since: float) -> WindowRecord:
+        c = self.counts
         record = WindowRecord(
-            window=t,
-            input_rows=input_rows,
-            output_rows=written.num_rows,
-            fm_calls=labels.num_rows - labels.column(FM_VERSION).null_count,
-            fm_versions=sorted({v for v in written.column(FM_VERSION).to_pylist() if v}),
-            masked_rows=int((~mask).sum()),
-            unlabeled_rows=int(written.column(FM_VERSION).null_count),
-            duration_s=round(time.perf_counter() - start, 3),
-            label_join=_label_counts(events, t, self) if events is not None else {},
+            window=self.t,
+            input_rows=self.num_rows,
+            output_rows=c["written"],
+            fm_calls=c["fm_calls"],
+            fm_versions=sorted(self.versions),
+            masked_rows=c["masked"],
+            unlabeled_rows=c["unlabeled"],
+            duration_s=round(time.perf_counter() - max(self.start, since), 3),
+            label_join=self.join if self.events is not None else {},
         )
         assert record.output_rows == record.input_rows, record
-        self.store.commit(t, staged, record, self.spec)
-        _record_metrics(record)
-        self._fm_labels_path(t).unlink(missing_ok=True)
         return record
+
+
+def _emb_dim(version: FMVersion) -> int:
+    from exfm_ray.fm.model import build_fm
+
+    return build_fm(version.spec, version.fm, device="meta").hidden_dim
+
+
+def _split_by_window(rows: pa.Table) -> list[tuple[int, pa.Table]]:
+    """A batch comes from one window; split it if Ray Data ever merged two."""
+    lo, hi = pc.min_max(rows.column("window")).values()
+    if lo.as_py() == hi.as_py():
+        return [(lo.as_py(), rows)]
+    windows = pc.unique(rows.column("window")).to_pylist()
+    return [(t, rows.filter(pc.equal(rows.column("window"), t))) for t in windows]
+
+
+def _first_rows(rows: pa.Table) -> pa.Table:
+    return rows.filter(pa.array(first_occurrence(rows.column("example_id").to_numpy())))
+
+
+def _events_of(events: pa.Table, rows: pa.Table) -> pa.Table:
+    """The label events of these rows' examples (a batch holds every row of its examples)."""
+    return events.filter(pc.is_in(events.column("example_id"), value_set=rows.column("example_id").combine_chunks()))
 
 
 def _record_metrics(rec: WindowRecord) -> None:
@@ -242,17 +394,6 @@ def _record_metrics(rec: WindowRecord) -> None:
         rec.output_rows / max(rec.duration_s, 1e-9)
     )
     LOG.info(summary_line({"window": rec.window, "status": "committed", "record": rec}))
-
-
-def _rows(folder: str) -> int:
-    return sum(pq.read_metadata(f).num_rows for f in Path(folder).glob("*.parquet"))
-
-
-def _label_counts(events: pa.Table, t: int, aug: Augmenter) -> dict:
-    src = str(window_dir(aug.cfg.stream, t))
-    rows = pq.read_table(src, columns=["example_id", "event_time", "tenant", *[f"label_{x}" for x in aug.spec.tasks]])
-    assert aug.cfg.labels is not None
-    return join_labels(rows, events, aug.spec, aug.cfg.labels)[1]
 
 
 def _crash() -> None:

@@ -150,6 +150,26 @@ def test_fm_down_past_the_wait_gives_masked_rows_never_dropped(world, tmp_path):
     _wait_ready(group)
 
 
+def test_a_range_of_windows_is_committed_in_the_order_given_with_every_row_once(world, tmp_path):
+    stream, root, _, _ = world
+    storage = _linked_storage(root, tmp_path)
+    seen = []
+    # Small batches: many per window, both windows in one Ray Data job.
+    cfg = das_cfg(root, storage=storage, batch_size=300)
+    results = augment_windows(cfg, [3, 2], lambda r: seen.append(r["window"]))
+    assert [(r["window"], r["status"]) for r in results] == [(3, "committed"), (2, "committed")] and seen == [3, 2]
+    store = AugmentedStore(storage)
+    records = store.records()
+    assert records[3].committed_at <= records[2].committed_at
+    for t in (2, 3):
+        out, ref = comparable(store.read_window(t)), reference(world, t)
+        keys = list(zip(out.column("example_id").to_pylist(), out.column("tenant").to_pylist(), strict=True))
+        assert len(keys) == len(set(keys)) == ref.num_rows == records[t].output_rows
+        np.testing.assert_allclose(out.column("fm_logit").to_numpy(), ref.column("fm_logit").to_numpy(), atol=1e-5)
+        assert records[t].fm_calls == len(np.unique(stream.windows[t].column("example_id").to_numpy()))
+        assert records[t].masked_rows == 0 and records[t].fm_versions == ["fm-0001"]
+
+
 def test_leakage_guard_refuses_a_too_new_fm_version(world):
     _, root, _, _ = world
     with pytest.raises(LeakageError, match="window 0"):

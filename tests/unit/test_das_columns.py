@@ -78,6 +78,41 @@ def test_leakage_guard_masks_rows_older_than_the_watermark(world):
     assert out.column("fm_mask").to_pylist() == (times > cut).tolist()
 
 
+def test_window_batches_hold_every_row_of_their_examples_once(world, tmp_path):
+    from exfm_ray.das.pipeline import AugmentConfig, Augmenter, _WindowJob
+
+    stream, _, _ = world
+    stream.write(tmp_path / "stream")
+    aug = Augmenter(AugmentConfig(storage=str(tmp_path / "store"), stream=str(tmp_path / "stream")))
+    window = stream.windows[1]
+    batches = _WindowJob(aug, 1, 0.0).batches(50)
+    ids = [b.column("example_id").to_numpy() for b in batches]
+    assert all(len(np.unique(i)) <= 50 for i in ids) and len(batches) > 1
+    owner = {}
+    for k, batch_ids in enumerate(ids):
+        for e in batch_ids:
+            assert owner.setdefault(e, k) == k  # an example never spans two batches
+    key = [("example_id", "ascending"), ("tenant", "ascending")]
+    assert pa.concat_tables(batches).sort_by(key).equals(window.sort_by(key))
+
+
+def test_augmented_parquet_skips_dictionary_and_statistics_where_useless(world, tmp_path):
+    import pyarrow.parquet as pq
+
+    from exfm_ray.das.store import parquet_options
+
+    stream, labeler, fm = world
+    table = stream.windows[1].slice(0, 200)
+    out = augment_table(table, labeler, stream.spec, fm.hidden_dim)
+    pq.write_table(out, tmp_path / "x.parquet", **parquet_options(out.schema))
+    meta = pq.ParquetFile(tmp_path / "x.parquet").metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in cols["user_id.list.element"].encodings and cols["user_id.list.element"].is_stats_set
+    assert "RLE_DICTIONARY" not in cols["fm_emb.list.element"].encodings
+    assert not cols["fm_emb.list.element"].is_stats_set and cols["event_time"].is_stats_set
+    assert pq.read_table(tmp_path / "x.parquet").equals(out)
+
+
 def test_the_ray_data_udfs_import_without_torch():
     """Every Ray Data worker imports these; torch/torchrec would add seconds per fresh worker."""
     import subprocess
