@@ -40,7 +40,7 @@ from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
 from exfm_ray.data.stream import read_spec, window_dir
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
 
-ROW_GROUP_ROWS = 65_536  # augmented rows buffered per Parquet row group
+ROW_GROUP_ROWS = 32_768  # augmented rows per Parquet row group (the last one is written after the FM is done)
 
 
 class AugmentConfig(Config):
