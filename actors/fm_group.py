@@ -21,9 +21,9 @@ from pydantic import Field
 
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError, FMUnavailable
+from exfm_ray.fm.config import ShardingConfig
 from exfm_ray.fm.labels import FMLabels, gather, split_padded
 from exfm_ray.fm.registry import FMRegistry, FMVersion
-from exfm_ray.fm.sharding import ShardingConfig
 from exfm_ray.observability import LOG, counter, gauge, histogram
 from exfm_ray.schema import validate_features
 

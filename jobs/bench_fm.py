@@ -35,7 +35,7 @@ def run_fm_bench(cfg: FMBenchConfig, workdir: Path | None = None, log=print) -> 
 
     from actors.fm_group import FMGroupConfig
     from actors.launch import start_fm_group, stop_fm_group
-    from exfm_ray.fm.sharding import ShardingConfig
+    from exfm_ray.fm.config import ShardingConfig
 
     root = Path(workdir or tempfile.mkdtemp(prefix="exfm-bench-fm-"))
     stream = SyntheticStream(SyntheticConfig(num_windows=2, rows_per_window=cfg.rows, overlap=0.0)).stream()

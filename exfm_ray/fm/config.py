@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 
@@ -38,3 +39,26 @@ class ResolvedFMSizes:
     num_cross_layers: int
     cross_low_rank: int
     hidden: list[int]
+
+
+ShardingType = Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]
+CUDA_ONLY = {"row_wise", "table_row_wise"}
+
+
+class ShardingConfig(Config):
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="Process-group backend: gloo (CPU) or nccl (GPU).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the FM's shards live.")
+    sharding_type: ShardingType | None = Field(
+        None, description="Force one sharding type for every table; None lets TorchRec's planner choose."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShardingConfig:
+        if self.device == "cpu" and self.sharding_type in CUDA_ONLY:
+            raise ValueError(
+                f"sharding_type {self.sharding_type} needs CUDA (TorchRec offers it only for cuda); "
+                "plan it with `exfm plan`, run it on GPUs"
+            )
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend nccl needs device cuda")
+        return self

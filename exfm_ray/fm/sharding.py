@@ -9,12 +9,10 @@ other sharding. The process-group backend is configuration (gloo on CPU, nccl on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from pydantic import Field, model_validator
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -27,30 +25,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from exfm_ray.configbase import Config
+from exfm_ray.fm.config import CUDA_ONLY, ShardingConfig, ShardingType  # noqa: F401
 from exfm_ray.fm.model import FoundationModel
-
-ShardingType = Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]
-CUDA_ONLY = {"row_wise", "table_row_wise"}
-
-
-class ShardingConfig(Config):
-    backend: Literal["gloo", "nccl"] = Field("gloo", description="Process-group backend: gloo (CPU) or nccl (GPU).")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the FM's shards live.")
-    sharding_type: ShardingType | None = Field(
-        None, description="Force one sharding type for every table; None lets TorchRec's planner choose."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ShardingConfig:
-        if self.device == "cpu" and self.sharding_type in CUDA_ONLY:
-            raise ValueError(
-                f"sharding_type {self.sharding_type} needs CUDA (TorchRec offers it only for cuda); "
-                "plan it with `exfm plan`, run it on GPUs"
-            )
-        if self.device == "cpu" and self.backend == "nccl":
-            raise ValueError("backend nccl needs device cuda")
-        return self
 
 
 def shard(

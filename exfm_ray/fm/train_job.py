@@ -13,9 +13,8 @@ import time
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.fm.config import FMConfig
+from exfm_ray.fm.config import FMConfig, ShardingConfig
 from exfm_ray.fm.registry import FMRegistry, FMVersion
-from exfm_ray.fm.sharding import ShardingConfig
 
 
 class FMTrainConfig(Config):
