@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, settings)
     # `ray job submit` puts the driver in the cluster through RAY_ADDRESS.
     address = args.address or settings.ray_address or os.environ.get("RAY_ADDRESS")
-    signal.signal(signal.SIGTERM, _interrupt)
     serving.start_ray(address, fast_ingress=settings.serve_fast_ingress, num_cpus=None if address else LOCAL_CPUS)
+    # After ray.init, which installs its own SIGTERM handler (a stack dump and abort).
+    signal.signal(signal.SIGTERM, _interrupt)
     own = address is None
     try:
         quiet_ray_data()

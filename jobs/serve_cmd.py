@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if not tenants:
         raise ConfigError(f"no published student under {cfg.store_root}/students (train students, or pass --demo)")
     address = args.address or settings.ray_address
-    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop shuts down as cleanly as Ctrl-C
     serving.start_ray(address, fast_ingress=settings.serve_fast_ingress)
+    # After ray.init, which installs its own SIGTERM handler (a stack dump and abort).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = serving.deploy(cfg)
         print(f"serving {len(tenants)} tenant(s) ({', '.join(tenants)}) at {url}")
