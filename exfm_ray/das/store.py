@@ -104,6 +104,13 @@ class AugmentedStore:
         data["spec"] = spec.model_dump(mode="json")
         atomic_write(self.manifest, json.dumps(data, indent=1))
 
+    def declare_spec(self, spec: StreamSpec) -> None:
+        """Record the stream's spec before its first window is committed, so readers waiting for
+        windows can build their models ahead (the DAS commits it with every window anyway)."""
+        data = self._read()
+        data["spec"] = spec.model_dump(mode="json")
+        atomic_write(self.manifest, json.dumps(data, indent=1))
+
     def clear_staging(self) -> None:
         shutil.rmtree(self.root / "_staging", ignore_errors=True)
 

@@ -134,14 +134,16 @@ class _TenantFiles:
         self.rank = rank
         self.name = run_cfg.entry.config.name
         self._last_progress = 0.0
+        self._last_key: tuple | None = None
 
     def progress(self, windows_done: int, window: int, phase: str, done: int, total: int) -> None:
         now = time.time()
-        if self.rank != 0 or (
-            phase == "train" and 0 < done < total and now - self._last_progress < self.cfg.progress_every_s
-        ):
+        # A following run polls often: rewrite an unchanged "waiting" only now and then.
+        repeat = phase == "waiting" and self._last_key == (phase, window)
+        partial = phase == "train" and 0 < done < total
+        if self.rank != 0 or ((repeat or partial) and now - self._last_progress < self.cfg.progress_every_s):
             return
-        self._last_progress = now
+        self._last_progress, self._last_key = now, (phase, window)
         import json
 
         from exfm_ray.files import atomic_write

@@ -35,7 +35,7 @@ FROZEN = {
     "bench serve": {"--json", "--config", "--requests", "--seconds", "--concurrency", "--rows"},
     "bench fm": {"--json", "--rows", "--fm-size"},
     "bench das": {"--json", "--rows", "--fm-size", "--shards"},
-    "bench train": {"--json", "--rows-per-window", "--windows", "--rounds"},
+    "bench train": {"--json", "--rows-per-window", "--windows"},
     "tenants": set(),
     "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
     "tenants list": {"--address", "--json", "--storage"},

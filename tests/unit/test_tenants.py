@@ -3,6 +3,7 @@ its checkpoint state, the report."""
 
 import io
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -172,3 +173,37 @@ def test_the_documented_tenant_yaml_resolves_against_the_synthetic_stream(augmen
     path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "tenant.yaml"
     view = resolve(TenantConfig.parse(tenant_config("feed_small", path)), store.spec())
     assert view.sources == ["feed"] and view.tenant.control and view.spec.tenants[0].dense == ["bid"]
+
+
+def test_a_waiting_run_rewrites_its_progress_only_when_something_changes(tmp_path):
+    from exfm_ray.tenants.trainer import TenantRunConfig, _TenantFiles
+
+    reg = TenantRegistry(tmp_path)
+    entry = reg.add(TenantConfig(name="feed"))
+    files = _TenantFiles(
+        TenantRunConfig(storage=str(tmp_path), entry=entry, follow=True, progress_every_s=60), reg, rank=0
+    )
+    path = reg.progress_path("feed")
+
+    def written():
+        return reg.read_json(path)["updated_at"]
+
+    files.progress(0, 3, "waiting", 0, 0)
+    first = written()
+    files.progress(0, 3, "waiting", 0, 0)  # a poll that found nothing new: no write
+    assert written() == first
+    files.progress(0, 3, "train", 0, 10)  # a new phase: written at once
+    assert reg.read_json(path)["phase"] == "train"
+    files.progress(1, 4, "waiting", 0, 0)
+    assert reg.read_json(path)["window"] == 4 and reg.read_json(path)["phase"] == "waiting"
+
+
+def test_a_declared_spec_is_readable_before_any_window_and_commits_keep_it(augmented, tmp_path):
+    _, source = augmented
+    store = AugmentedStore(tmp_path)
+    store.declare_spec(source.spec())
+    assert store.spec() == source.spec() and store.committed() == []
+    staged = store.staging_dir("t") / "window=0"
+    shutil.copytree(source.window_dir(0), staged)
+    store.commit(0, staged, source.records()[0], source.spec())
+    assert store.committed() == [0] and store.read_window(0).num_rows == source.read_window(0).num_rows
