@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from exfm_ray.data.batching import WindowTensors
+from exfm_ray.fm.config import ShardingConfig
 from exfm_ray.fm.model import build_fm
 from exfm_ray.fm.registry import FMVersion
-from exfm_ray.fm.sharding import ShardingConfig, load_checkpoint, plan_summary, shard
+from exfm_ray.fm.sharding import load_checkpoint, plan_summary, shard
 
 
 class FMShard:

@@ -10,8 +10,7 @@ stream, FM versions, committed windows and tenant checkpoints on storage are all
 
 from __future__ import annotations
 
-import http.client
-import json
+import asyncio
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import ray
 from actors.fm_group import FMGroupConfig
 from actors.launch import find_fm_group, start_fm_group, start_tenant_manager, stop_fm_group, train_fm_task
 from actors.tenant_manager import TenantManagerConfig
+from exfm_ray.bench.http_load import Connection, post_request, sequential
 from exfm_ray.das.pipeline import AugmentConfig, Augmenter, summary_line
 from exfm_ray.data.sources import load_stream
 from exfm_ray.data.stream import SPEC_FILE, read_spec
@@ -30,7 +30,7 @@ from exfm_ray.fm.train_job import FMTrainConfig
 from exfm_ray.observability import LOG
 from exfm_ray.pipeline import report as run_report
 from exfm_ray.pipeline.config import PipelineConfig
-from exfm_ray.serving.config import ServeConfig
+from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.students.checkpoint import load_serving
 from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.config import TenantConfig, resolve
@@ -45,7 +45,7 @@ class Pipeline:
         self.storage = Path(cfg.storage).resolve()
         self.stream_dir = self.storage / "stream"
         self.run_id = time.strftime("%Y%m%d-%H%M%S")
-        self.serve_cfg = ServeConfig.parse({"store_root": str(self.storage), **cfg.serve}, source="serve")
+        self.serve_cfg = cfg.serve_config()
         self.timings: dict[int, dict[str, float]] = {}
         self.manager = self.fm_job = self.group = None
         self.own_group = False
@@ -118,10 +118,7 @@ class Pipeline:
             return
         k = t - self.cfg.fm_delay
         if k < 0:
-            from exfm_ray.fm.model import build_fm
-
-            emb_dim = build_fm(augmenter.spec, self.cfg.fm, device="meta").hidden_dim
-            result = augmenter.augment_unlabeled(t, emb_dim)
+            result = augmenter.augment_unlabeled(t, self.cfg.fm)
         else:
             version = self._version_through(k)
             timing["fm_wait"] = time.perf_counter() - began
@@ -184,7 +181,6 @@ class Pipeline:
         from exfm_ray.data.batching import WindowTensors
 
         store, augmented = StudentStore(self.storage), AugmentedStore(self.storage)
-        client = _Client(self.serve_cfg.host, self.serve_cfg.port)
         last = max(augmented.committed())
         out = {}
         for tenant in tenants:
@@ -193,17 +189,16 @@ class Pipeline:
                 continue
             view = resolve(TenantRegistry(self.storage).get(tenant).config, spec)
             table = view.select(augmented.read_window(last, columns=view.columns)).slice(0, self.cfg.sample_rows)
+            url = self.serve_cfg.url + PREDICT_PATH.format(tenant=tenant)
             body = {"rows": _http_rows(table, view)}
-            answer = _wait_for_version(client, tenant, body, pub.version)
+            answer = _wait_for_version(url, tenant, body, pub.version)
             model, _ = load_serving(pub.path)
             rows = WindowTensors(table, view.spec)
             feats, dense = view.spec.tenants[0].features, view.spec.tenants[0].dense
             batch = rows.batch(0, rows.num_rows, feats, dense)
             expected = model(batch.sparse, batch.dense).detach().numpy()
             one = {"rows": body["rows"][:1]}
-            latencies = [
-                client.post_ms(f"/v1/tenants/{tenant}/predict", one)[1] for _ in range(self.cfg.latency_requests)
-            ]
+            latencies = asyncio.run(sequential(url, one, self.cfg.latency_requests, warmup=0)).samples_ms
             out[tenant] = {
                 "version": answer["version"],
                 "rows": table.num_rows,
@@ -259,11 +254,11 @@ def _http_rows(table, view) -> list[dict]:
     ]
 
 
-def _wait_for_version(client, tenant: str, body: dict, version: str, timeout_s: float = 60.0) -> dict:
+def _wait_for_version(url: str, tenant: str, body: dict, version: str, timeout_s: float = 60.0) -> dict:
     """Ask until the tenant's newest version answers (hot reload within the reload interval)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        answer, _ = client.post_ms(f"/v1/tenants/{tenant}/predict", body)
+        answer = _post(url, body)
         if answer.get("version") == version or time.monotonic() > deadline:
             if answer.get("version") != version:
                 raise ExfmError(f"tenant {tenant}: Serve still answers with {answer.get('version')}, not {version}")
@@ -271,22 +266,18 @@ def _wait_for_version(client, tenant: str, body: dict, version: str, timeout_s: 
         time.sleep(0.5)
 
 
-class _Client:
-    """A keep-alive HTTP/1.1 client (stdlib), so latencies measure the server, not connection set-up."""
+def _post(url: str, body: dict) -> dict:
+    async def once():
+        conn = Connection(url)
+        try:
+            return await conn.request(post_request(url, body))
+        finally:
+            conn.close()
 
-    def __init__(self, host: str, port: int):
-        self.conn = http.client.HTTPConnection("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout=30)
-
-    def post_ms(self, path: str, body: dict) -> tuple[dict, float]:
-        data = json.dumps(body).encode()
-        start = time.perf_counter()
-        self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
-        payload = resp.read()
-        ms = (time.perf_counter() - start) * 1000
-        if resp.status != 200:
-            raise ExfmError(f"POST {path}: HTTP {resp.status}: {payload[:300]!r}")
-        return json.loads(payload), ms
+    reply = asyncio.run(once())
+    if reply.status != 200:
+        raise ExfmError(f"POST {url}: HTTP {reply.status}: {reply.body[:300]!r}")
+    return reply.json()
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:

@@ -87,18 +87,12 @@ def run(args: argparse.Namespace) -> int:
         print("stopping")
     finally:
         if own:  # a local Ray ends with us; on a cluster the students stay served
-            serving.shutdown(serving_config(cfg), own_cluster=True)
+            serving.shutdown(cfg.serve_config(), own_cluster=True)
         else:
             import ray
 
             ray.shutdown()
     return 0
-
-
-def serving_config(cfg):
-    from exfm_ray.serving.config import ServeConfig
-
-    return ServeConfig.parse({"store_root": cfg.storage, **cfg.serve}, source="serve")
 
 
 def _interrupt(signum, frame) -> None:

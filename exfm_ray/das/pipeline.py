@@ -38,7 +38,9 @@ from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_col
 from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
 from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
 from exfm_ray.data.stream import read_spec, window_dir
+from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
+from exfm_ray.schema import StreamSpec
 
 ROW_GROUP_ROWS = 32_768  # augmented rows per Parquet row group (the last one is written after the FM is done)
 
@@ -118,19 +120,21 @@ class Augmenter:
             version = self._group_version()
             for t in pending:  # refuse before any work, naming the first offending window
                 check_no_leakage(version, t, self.spec.window_starts[t])
-            emb_dim = _emb_dim(version)
+            emb_dim = _emb_dim(version.spec, version.fm)
             self._phase("fm_version", mark)
             self._run(pending, emb_dim, report)
         report()
         return [results[t] for t in windows]
 
-    def augment_unlabeled(self, t: int, emb_dim: int) -> dict:
+    def augment_unlabeled(self, t: int, fm: FMConfig) -> dict:
         """Commit window t with the FM mask off on every row: no FM version has trained on data
-        before it (the first windows of a stream). Counted as masked rows; nothing is dropped."""
-        if t in self.store.records():
-            return {"window": t, "status": "already_done", "record": self.store.records()[t]}
+        before it (the first windows of a stream). Counted as masked rows; nothing is dropped.
+        `fm`: the FM that will label later windows (its embedding width sizes the empty column)."""
+        done = self.store.records()
+        if t in done:
+            return {"window": t, "status": "already_done", "record": done[t]}
         job = _WindowJob(self, t, time.perf_counter())
-        return self._commit(job, job.finish_with(job.null_labels(emb_dim), stage=False))
+        return self._commit(job, job.finish_with(job.null_labels(_emb_dim(self.spec, fm)), stage=False))
 
     def _run(self, pending: list[int], emb_dim: int, report) -> None:
         start = time.perf_counter()
@@ -355,10 +359,10 @@ class _WindowJob:
         return record
 
 
-def _emb_dim(version: FMVersion) -> int:
+def _emb_dim(spec: StreamSpec, fm: FMConfig) -> int:
     from exfm_ray.fm.model import build_fm
 
-    return build_fm(version.spec, version.fm, device="meta").hidden_dim
+    return build_fm(spec, fm, device="meta").hidden_dim
 
 
 def _split_by_window(rows: pa.Table) -> list[tuple[int, pa.Table]]:

@@ -101,13 +101,14 @@ class AugmentedStore:
         staged.rename(final)
         data = self._read()
         data["windows"][str(t)] = record.model_dump(mode="json")
-        data["spec"] = spec.model_dump(mode="json")
-        atomic_write(self.manifest, json.dumps(data, indent=1))
+        self._write(data, spec)
 
     def declare_spec(self, spec: StreamSpec) -> None:
         """Record the stream's spec before its first window is committed, so readers waiting for
         windows can build their models ahead (the DAS commits it with every window anyway)."""
-        data = self._read()
+        self._write(self._read(), spec)
+
+    def _write(self, data: dict, spec: StreamSpec) -> None:
         data["spec"] = spec.model_dump(mode="json")
         atomic_write(self.manifest, json.dumps(data, indent=1))
 

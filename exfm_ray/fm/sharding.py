@@ -25,7 +25,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from exfm_ray.fm.config import CUDA_ONLY, ShardingConfig, ShardingType  # noqa: F401
+from exfm_ray.fm.config import ShardingConfig
 from exfm_ray.fm.model import FoundationModel
 
 

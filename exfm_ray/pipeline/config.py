@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from exfm_ray.configbase import Config
 from exfm_ray.data.sources import SourceConfig
-from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.fm.config import FMConfig
+from exfm_ray.serving.config import ServeConfig
 from exfm_ray.students.config import StudentConfig
 from exfm_ray.tenants.config import TenantConfig
 
@@ -43,8 +45,6 @@ class PipelineConfig(Config):
         """Windows left out of averages: the first fm_delay have no FM label, the next is its first."""
         return self.fm_delay + 1
 
-
-def demo_config(storage: str, *, quick: bool = False) -> PipelineConfig:
-    """What `make demo` runs: the synthetic stream with 2 tenants, sized to finish in minutes on 2 cores."""
-    synthetic = SyntheticConfig(num_windows=4 if quick else 6, rows_per_window=10_000, num_tenants=2)
-    return PipelineConfig(source=SourceConfig(synthetic=synthetic), storage=storage)
+    def serve_config(self) -> ServeConfig:
+        """The student service of this run, serving what the run publishes under its storage."""
+        return ServeConfig.parse({"store_root": str(Path(self.storage).resolve()), **self.serve}, source="serve")

@@ -14,9 +14,9 @@ from actors.launch import start_fm_group, stop_fm_group
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.errors import DataError, FMUnavailable
+from exfm_ray.fm.config import ShardingConfig
 from exfm_ray.fm.model import FMConfig, build_fm
 from exfm_ray.fm.registry import FMRegistry, publish_model
-from exfm_ray.fm.sharding import ShardingConfig
 
 pytestmark = pytest.mark.ray
 
