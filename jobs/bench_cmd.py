@@ -84,12 +84,14 @@ def run_train(args: argparse.Namespace) -> int:
     connect(Settings().ray_address, num_cpus=BENCH_CPUS)
     results = run_train_bench(rows_per_window=args.rows_per_window, windows=args.windows)
     print(
-        f"| plain loop | Ray Train | ratio | median window ratio | 1 tenant | 2 tenants | scaling |\n"
-        f"|---|---|---|---|---|---|---|\n"
+        f"| plain loop | Ray Train | ratio | median window ratio | 1 tenant | 2 tenants | scaling | "
+        f"2 bare processes | machine scaling |\n"
+        f"|---|---|---|---|---|---|---|---|---|\n"
         f"| {results['plain_rows_per_s']:,.0f} rows/s | {results['ray_rows_per_s']:,.0f} rows/s | "
         f"{results['ratio']:.2f} | {results['ratio_median_window']:.2f} | "
         f"{results['one_tenant_rows_per_s']:,.0f} rows/s | "
-        f"{results['two_tenants_rows_per_s']:,.0f} rows/s | {results['scaling']:.2f} |"
+        f"{results['two_tenants_rows_per_s']:,.0f} rows/s | {results['scaling']:.2f} | "
+        f"{results['bare_pair_rows_per_s']:,.0f} rows/s | {results['machine_scaling']:.2f} |"
     )
     _write_json(args.json, results)
     return 0

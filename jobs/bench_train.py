@@ -1,23 +1,37 @@
 """`exfm bench train`: one tenant's training in a plain in-process loop vs in Ray Train, and two
 tenants at once vs one, in one run on the same machine.
 
-The arms are interleaved window by window: the plain loop trains window t in this process,
-window t is committed to the one-tenant Ray run and to the two-tenant Ray runs, each waited on
-until it is idle again, before window t+1 (in reverse order on odd windows). This machine's speed
-drifts by +-30% over seconds to minutes (a 1-thread matmul loop: 1445-1848 iterations per 0.5 s
-within 10 s), so arms measured minutes apart (the first version of this bench: whole arms in
-alternating rounds) compared the drift more than the arms; seconds apart, in both orders, they
-see much the same machine, and the median of the per-window ratios shrugs off the odd spike.
+Arms, interleaved window by window (in reverse order on odd windows):
+- plain: the driver trains window t in this process;
+- bare pair: the same loop in two plain processes at once, no Ray: what this machine itself gives
+  two CPU-bound trainers (`machine_scaling` = their rows/s over the plain loop's), the ceiling the
+  Ray figure is read against;
+- one tenant: run A alone trains window t in Ray Train while run B waits;
+- two tenants: runs A and B train window t at once.
+This machine's speed drifts by +-30% over seconds to minutes (a 1-thread matmul loop: 1445-1848
+iterations per 0.5 s within 10 s), so arms measured minutes apart (the first version of this
+bench: whole arms in alternating rounds) compared the drift more than the arms; seconds apart, in
+both orders, they see much the same machine, and the median of the per-window ratios shrugs off
+the odd spike.
+
+Both Ray runs stay alive for the whole bench, so the one-tenant and two-tenant windows run on the
+same node with the same Ray processes: the difference between them is the second tenant's work,
+not a third run idling (an idle Ray Train run is ~9 Python processes at ~1% of a core each).
+Run A follows its own store, into which the bench commits every window twice (once for each
+phase, in the order the phases come); run B follows a store holding each window once.
 
 Every arm runs the same TenantRun over the same augmented windows with one torch thread. A plain
 window's time is its read plus `TenantRun.window`; a Ray window's time runs from the commit of the
 window to the moment the run waits for the next one (or ends), so it also holds the run's poll,
 its read, the report with the checkpoint, the metrics file and the published student. Start-up
-(fit() until the run waits for its first window) is reported on its own (`ray_startup_s`).
+(fit() until the runs wait for their first window) is reported on its own (`ray_startup_s`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import shutil
 import statistics
 import tempfile
@@ -38,39 +52,41 @@ from exfm_ray.tenants.registry import TenantRegistry
 from exfm_ray.tenants.run import TenantRun
 from exfm_ray.tenants.trainer import TenantRunConfig
 
-# Logical CPUs a local bench cluster needs: three Ray Train runs (1 + 2 tenants) stay alive for
-# the whole bench, but only one arm works at a time.
-BENCH_CPUS = 4
+# Logical CPUs a local bench cluster needs: two Ray Train runs of one worker each.
+BENCH_CPUS = 2
+# A window takes seconds; a run silent for this long is stuck, and the bench says so instead of hanging.
+WAIT_LIMIT_S = 600
 
 
 def run_train_bench(*, rows_per_window: int, windows: int, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="exfm-bench-train-"))
+    bare = ray_runs = None
     try:
         stream = SyntheticStream(SyntheticConfig(num_windows=windows, rows_per_window=rows_per_window)).stream()
         augment_stream_locally(stream, work / "source", FMConfig(size=2))
         source = AugmentedStore(work / "source")
-        tenant = TenantConfig(name="feed")
+        tenant, twin = TenantConfig(name="feed"), TenantConfig(name="feed_twin", rows=["feed"], seed=1)
         plain = _PlainArm(source, tenant)
-        one = _RayArm(source, work / "one", [tenant], windows)
-        two = _RayArm(source, work / "two", [tenant, TenantConfig(name="feed_twin", rows=["feed"], seed=1)], windows)
+        bare = _BarePair(source, [tenant, twin])
+        ray_runs = _RayRuns(source, work, tenant, twin, windows)
+        arms = {"plain": plain.window, "bare_pair": bare.window, "one_tenant": ray_runs.one,
+                "two_tenants": ray_runs.two}  # fmt: skip
         per_window = []
         for t in range(windows):
-            arms = {"plain": plain, "one": one, "two": two}
             order = list(arms) if t % 2 == 0 else list(reversed(arms))  # a drift within a window cancels
-            got = {name: arms[name].window(t) for name in order}
-            p, o, w = got["plain"], got["one"], got["two"]
-            per_window.append({"window": t, "plain": p, "one_tenant": o, "two_tenants": w})
+            got = {name: arms[name](t) for name in order}
+            per_window.append({"window": t, **{name: got[name] for name in arms}})
+            p, b, o, w = (got[k] for k in arms)
             log(
-                f"window {t}: plain {p['rows_per_s']:,.0f} rows/s | Ray Train {o['rows_per_s']:,.0f} rows/s "
-                f"(ratio {o['rows_per_s'] / p['rows_per_s']:.2f}) | 2 tenants {w['rows_per_s']:,.0f} rows/s "
-                f"(scaling {w['rows_per_s'] / o['rows_per_s']:.2f}) | s total/training: plain "
-                f"{p['seconds']:.2f}/{p['train_s']:.2f}, Ray {o['seconds']:.2f}/{o['train_s']:.2f}, "
-                f"2 tenants {w['seconds']:.2f}/{w['train_s']:.2f}"
+                f"window {t}: plain {p['rows_per_s']:,.0f} rows/s | Ray Train {o['rows_per_s']:,.0f} "
+                f"(ratio {o['rows_per_s'] / p['rows_per_s']:.2f}) | 2 tenants {w['rows_per_s']:,.0f} "
+                f"(scaling {w['rows_per_s'] / o['rows_per_s']:.2f}) | 2 bare processes {b['rows_per_s']:,.0f} "
+                f"(machine scaling {b['rows_per_s'] / p['rows_per_s']:.2f})"
             )
-        one.finish()
-        two.finish()
-        rate = {arm: _total(per_window, arm) for arm in ("plain", "one_tenant", "two_tenants")}
-        ratios = list(w["one_tenant"]["rows_per_s"] / w["plain"]["rows_per_s"] for w in per_window)
+        ray_runs.finish()
+        rate = {arm: _total(per_window, arm) for arm in arms}
+        ratios = [w["one_tenant"]["rows_per_s"] / w["plain"]["rows_per_s"] for w in per_window]
+        scalings = [w["two_tenants"]["rows_per_s"] / w["one_tenant"]["rows_per_s"] for w in per_window]
         return {
             "plain_rows_per_s": rate["plain"],
             "ray_rows_per_s": rate["one_tenant"],
@@ -79,7 +95,10 @@ def run_train_bench(*, rows_per_window: int, windows: int, log=print) -> dict:
             "two_tenants_rows_per_s": rate["two_tenants"],
             "scaling": rate["two_tenants"] / rate["one_tenant"],
             "ratio_median_window": statistics.median(ratios),
-            "ray_startup_s": one.startup_s,
+            "scaling_median_window": statistics.median(scalings),
+            "bare_pair_rows_per_s": rate["bare_pair"],
+            "machine_scaling": rate["bare_pair"] / rate["plain"],
+            "ray_startup_s": ray_runs.startup_s,
             "rows_per_tenant": sum(w["plain"]["rows"] for w in per_window),
             "windows": windows,
             "rows_per_window": rows_per_window,
@@ -87,6 +106,8 @@ def run_train_bench(*, rows_per_window: int, windows: int, log=print) -> dict:
             "per_window": per_window,
         }
     finally:
+        if bare is not None:
+            bare.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -94,73 +115,167 @@ def _total(per_window: list[dict], arm: str) -> float:
     return sum(w[arm]["rows"] for w in per_window) / sum(w[arm]["seconds"] for w in per_window)
 
 
+def _figures(rows: int, seconds: float, train_s: float, began: float) -> dict:
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "train_s": train_s, "began": began}
+
+
+def _train_window(run: TenantRun, source: AugmentedStore, t: int) -> dict:
+    """One plain window: read plus TenantRun.window, with one torch thread as each Ray Train worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        began = time.time()
+        record = run.window(t, source.read_window(t, columns=run.view.columns))
+        return _figures(record["rows"], time.time() - began, record["train_s"], began)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _PlainArm:
     def __init__(self, source: AugmentedStore, tenant: TenantConfig):
         self.source = source
-        self.view = resolve(tenant, source.spec())
-        self.run = TenantRun(self.view)
+        self.run = TenantRun(resolve(tenant, source.spec()))
 
     def window(self, t: int) -> dict:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as each Ray Train worker
-        try:
-            began = time.time()
-            record = self.run.window(t, self.source.read_window(t, columns=self.view.columns))
-            seconds = time.time() - began
-        finally:
-            torch.set_num_threads(threads)
-        return {"rows": record["rows"], "seconds": seconds, "rows_per_s": record["rows"] / seconds,
-                "train_s": record["train_s"]}  # fmt: skip
+        return _train_window(self.run, self.source, t)
 
 
-class _RayArm:
-    """Tenant runs in follow mode on their own storage; the bench commits a window and waits."""
+def _bare_worker(conn, source_root: str, tenant: dict) -> None:
+    """A plain process of the bare pair: trains the windows it is sent, one at a time."""
+    source = AugmentedStore(source_root)
+    run = TenantRun(resolve(TenantConfig.model_validate(tenant), source.spec()))
+    conn.send("ready")
+    while (t := conn.recv()) is not None:
+        conn.send(_train_window(run, source, t))
 
-    def __init__(self, source: AugmentedStore, storage: Path, tenants: list[TenantConfig], windows: int, poll_s=0.05):
-        self.source, self.storage, self.tenants, self.windows = source, storage, tenants, windows
-        self.registry = TenantRegistry(storage)
-        self.store = AugmentedStore(storage)
-        self.store.declare_spec(source.spec())  # the runs build their students before the first window
-        entries = [self.registry.add(t) for t in tenants]
+
+class _BarePair:
+    """Two spawned processes (not forked: this process holds Ray's threads) training side by side."""
+
+    def __init__(self, source: AugmentedStore, tenants: list[TenantConfig]):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for tenant in tenants:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_bare_worker, args=(theirs, str(source.root.parent), tenant.model_dump()))
+            proc.start()
+            self.conns.append(mine)
+            self.procs.append(proc)
+        for conn in self.conns:
+            if conn.recv() != "ready":
+                raise ExfmError("a bare bench process failed to start")
+
+    def window(self, t: int) -> dict:
+        began = time.time()
+        for conn in self.conns:
+            conn.send(t)
+        got = [conn.recv() for conn in self.conns]
+        return _figures(sum(g["rows"] for g in got), time.time() - began, max(g["train_s"] for g in got), began)
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs, strict=True):
+            with contextlib.suppress(OSError):  # the process may be gone already
+                conn.send(None)
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+class _RayRuns:
+    """Runs A and B in follow mode, each on its own storage; the bench commits windows and waits."""
+
+    def __init__(self, source: AugmentedStore, work: Path, a: TenantConfig, b: TenantConfig, windows: int):
+        self.source, self.windows = source, windows
+        self.a = _FollowedRun(source, work / "run_a", a, last_window=2 * windows - 1)
+        self.b = _FollowedRun(source, work / "run_b", b, last_window=windows - 1)
+        self.refs = [self.a.ref, self.b.ref]
+        self.a_next = 0
         launched = time.time()
-        self.refs = [
-            fit_tenant_task().remote(
-                TenantRunConfig(storage=str(storage), entry=e, last_window=windows - 1, follow=True, poll_s=poll_s)
-            )  # fmt: skip
-            for e in entries
-        ]
-        self._wait_idle(0)
+        self._wait(self.a, 0)
+        self._wait(self.b, 0)
         self.startup_s = time.time() - launched
 
-    def window(self, t: int) -> dict:
-        staged = self.store.staging_dir(f"bench{t}") / f"window={t}"
-        shutil.copytree(self.source.window_dir(t), staged)
+    def one(self, t: int) -> dict:
         began = time.time()
-        self.store.commit(t, staged, self.source.records()[t], self.source.spec())
-        self._wait_idle(t + 1)
-        seconds = time.time() - began
-        records = []
-        for tenant in self.tenants:
-            history = self.registry.read_json(self.registry.metrics_path(tenant.name))
-            records.append(next(r for r in history if r["window"] == t))
-        rows = sum(r["rows"] for r in records)
-        # train_s: the slowest run's training pass alone, to tell compute from per-window overhead
-        return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-                "train_s": max(r["train_s"] for r in records)}  # fmt: skip
+        a = self._commit_a(t)
+        self._wait(self.a, a + 1)
+        return self._figures([(self.a, a)], began)
+
+    def two(self, t: int) -> dict:
+        began = time.time()
+        a = self._commit_a(t)
+        self.b.commit(t, as_window=t)
+        self._wait(self.a, a + 1)
+        self._wait(self.b, t + 1)
+        return self._figures([(self.a, a), (self.b, t)], began)
+
+    def _commit_a(self, t: int) -> int:
+        """Run A trains every window twice (once per phase), in the order the phases come."""
+        a, self.a_next = self.a_next, self.a_next + 1
+        self.a.commit(t, as_window=a)
+        return a
 
     def finish(self) -> None:
         ray.get(self.refs)
 
-    def _wait_idle(self, t: int) -> None:
-        """Until every run waits for window t (or, past the last window, has ended)."""
-        while not all(self._idle(tenant.name, t) for tenant in self.tenants):
-            finished, _ = ray.wait(self.refs, timeout=0.01)
-            if finished and t < self.windows:  # a run ended early: surface its error
-                ray.get(finished)
-                raise ExfmError("a tenant run ended before its windows were committed")
+    def _figures(self, trained: list[tuple[_FollowedRun, int]], began: float) -> dict:
+        seconds = time.time() - began
+        records = [run.record(w) for run, w in trained]
+        # train_s: the slowest run's training pass alone, to tell compute from per-window overhead
+        return _figures(sum(r["rows"] for r in records), seconds, max(r["train_s"] for r in records), began)
 
-    def _idle(self, name: str, t: int) -> bool:
-        p = self.registry.read_json(self.registry.progress_path(name)) or {}
-        if t >= self.windows:
+    def _wait(self, run: _FollowedRun, t: int) -> None:
+        """Until the run waits for its window t (or, past its last window, has ended)."""
+        checked = began = time.time()
+        while not run.idle(t):
+            if time.time() - began > WAIT_LIMIT_S:
+                raise ExfmError(f"tenant run {run.tenant.name} did not finish window {t - 1} in {WAIT_LIMIT_S} s")
+            time.sleep(0.005)  # polls cost the students' CPU: sleep between stats of progress.json
+            if time.time() - checked > 0.5:
+                checked = time.time()
+                finished, _ = ray.wait([run.ref], timeout=0)
+                if finished and not run.idle(t):  # the run ended early: surface its error
+                    ray.get(finished)
+                    raise ExfmError("a tenant run ended before its windows were committed")
+
+
+class _FollowedRun:
+    def __init__(self, source: AugmentedStore, storage: Path, tenant: TenantConfig, last_window: int):
+        self.source, self.tenant = source, tenant
+        self.registry = TenantRegistry(storage)
+        self.store = AugmentedStore(storage)
+        self.store.declare_spec(source.spec())  # the run builds its student before the first window
+        self.last_window = last_window
+        self.progress = self.registry.progress_path(tenant.name)
+        self._seen: tuple[int, int] | None = None
+        self._progress: dict = {}
+        entry = self.registry.add(tenant)
+        run_cfg = TenantRunConfig(storage=str(storage), entry=entry, last_window=last_window, follow=True, poll_s=0.05)
+        self.ref = fit_tenant_task().remote(run_cfg)
+
+    def commit(self, t: int, *, as_window: int) -> None:
+        staged = self.store.staging_dir(f"bench{as_window}") / f"window={as_window}"
+        shutil.copytree(self.source.window_dir(t), staged)
+        record = self.source.records()[t].model_copy(update={"window": as_window})
+        self.store.commit(as_window, staged, record, self.source.spec())
+
+    def record(self, window: int) -> dict:
+        history = self.registry.read_json(self.registry.metrics_path(self.tenant.name))
+        return next(r for r in history if r["window"] == window)
+
+    def idle(self, t: int) -> bool:
+        p = self._read_progress()
+        if t > self.last_window:
             return p.get("phase") == "done"
         return p.get("phase") == "waiting" and p.get("window") == t
+
+    def _read_progress(self) -> dict:
+        """progress.json, parsed again only when replaced (the run writes it atomically)."""
+        try:
+            st = os.stat(self.progress)
+        except FileNotFoundError:
+            return {}
+        if (st.st_ino, st.st_mtime_ns) != self._seen:
+            self._progress = self.registry.read_json(self.progress) or {}
+            self._seen = (st.st_ino, st.st_mtime_ns)
+        return self._progress

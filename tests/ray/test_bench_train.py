@@ -1,0 +1,28 @@
+"""`exfm bench train` on a tiny stream: every arm trains the same rows, and the figures add up."""
+
+import math
+
+from jobs.bench_train import run_train_bench
+
+
+def test_bench_train_arms_train_the_same_rows_and_figures_add_up(ray_cluster):
+    lines = []
+    got = run_train_bench(rows_per_window=3000, windows=2, log=lines.append)
+
+    assert len(lines) == 2 and len(got["per_window"]) == 2
+    for w in got["per_window"]:
+        one = w["plain"]["rows"]
+        assert one > 0
+        assert w["one_tenant"]["rows"] == one  # run A alone: the plain loop's rows
+        assert w["two_tenants"]["rows"] == 2 * one  # A again and its twin B, at once
+        assert w["bare_pair"]["rows"] == 2 * one
+        for arm in ("plain", "bare_pair", "one_tenant", "two_tenants"):
+            assert 0 < w[arm]["train_s"] <= w[arm]["seconds"]
+    rows = sum(w["plain"]["rows"] for w in got["per_window"])
+    assert got["rows_per_tenant"] == rows
+    seconds = sum(w["two_tenants"]["seconds"] for w in got["per_window"])
+    assert math.isclose(got["two_tenants_rows_per_s"], 2 * rows / seconds)
+    assert math.isclose(got["scaling"], got["two_tenants_rows_per_s"] / got["one_tenant_rows_per_s"])
+    assert math.isclose(got["ratio"], got["ray_rows_per_s"] / got["plain_rows_per_s"])
+    assert math.isclose(got["machine_scaling"], got["bare_pair_rows_per_s"] / got["plain_rows_per_s"])
+    assert got["ray_rows_per_s"] == got["one_tenant_rows_per_s"]
