@@ -36,6 +36,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -66,11 +67,11 @@ def run_train_bench(*, rows_per_window: int, windows: int, log=print) -> dict:
         augment_stream_locally(stream, work / "source", FMConfig(size=2))
         source = AugmentedStore(work / "source")
         tenant, twin = TenantConfig(name="feed"), TenantConfig(name="feed_twin", rows=["feed"], seed=1)
-        plain = _PlainArm(source, tenant)
+        plain = TenantRun(resolve(tenant, source.spec()))
         bare = _BarePair(source, [tenant, twin])
         ray_runs = _RayRuns(source, work, tenant, twin, windows)
-        arms = {"plain": plain.window, "bare_pair": bare.window, "one_tenant": ray_runs.one,
-                "two_tenants": ray_runs.two}  # fmt: skip
+        arms = {"plain": lambda t: _train_window(plain, source, t), "bare_pair": bare.window,
+                "one_tenant": ray_runs.one, "two_tenants": ray_runs.two}  # fmt: skip
         per_window = []
         for t in range(windows):
             order = list(arms) if t % 2 == 0 else list(reversed(arms))  # a drift within a window cancels
@@ -120,7 +121,8 @@ def _figures(rows: int, seconds: float, train_s: float, began: float) -> dict:
 
 
 def _train_window(run: TenantRun, source: AugmentedStore, t: int) -> dict:
-    """One plain window: read plus TenantRun.window, with one torch thread as each Ray Train worker."""
+    """One plain window (the plain arm and each bare process): read plus TenantRun.window, with one
+    torch thread as each Ray Train worker."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -129,15 +131,6 @@ def _train_window(run: TenantRun, source: AugmentedStore, t: int) -> dict:
         return _figures(record["rows"], time.time() - began, record["train_s"], began)
     finally:
         torch.set_num_threads(threads)
-
-
-class _PlainArm:
-    def __init__(self, source: AugmentedStore, tenant: TenantConfig):
-        self.source = source
-        self.run = TenantRun(resolve(tenant, source.spec()))
-
-    def window(self, t: int) -> dict:
-        return _train_window(self.run, self.source, t)
 
 
 def _bare_worker(conn, source_root: str, tenant: dict) -> None:
@@ -182,13 +175,14 @@ class _BarePair:
 
 
 class _RayRuns:
-    """Runs A and B in follow mode, each on its own storage; the bench commits windows and waits."""
+    """Runs A and B in follow mode, each on its own storage; the bench commits windows and waits.
+
+    A window is staged (its Parquet copied into the run's store) before the clock starts: the
+    timed part is the commit and the run's work on it, as when the DAS commits a window."""
 
     def __init__(self, source: AugmentedStore, work: Path, a: TenantConfig, b: TenantConfig, windows: int):
-        self.source, self.windows = source, windows
         self.a = _FollowedRun(source, work / "run_a", a, last_window=2 * windows - 1)
         self.b = _FollowedRun(source, work / "run_b", b, last_window=windows - 1)
-        self.refs = [self.a.ref, self.b.ref]
         self.a_next = 0
         launched = time.time()
         self._wait(self.a, 0)
@@ -196,31 +190,29 @@ class _RayRuns:
         self.startup_s = time.time() - launched
 
     def one(self, t: int) -> dict:
-        began = time.time()
-        a = self._commit_a(t)
-        self._wait(self.a, a + 1)
-        return self._figures([(self.a, a)], began)
+        return self._measure([(self.a, self._next_a(), t)])
 
     def two(self, t: int) -> dict:
-        began = time.time()
-        a = self._commit_a(t)
-        self.b.commit(t, as_window=t)
-        self._wait(self.a, a + 1)
-        self._wait(self.b, t + 1)
-        return self._figures([(self.a, a), (self.b, t)], began)
+        return self._measure([(self.a, self._next_a(), t), (self.b, t, t)])
 
-    def _commit_a(self, t: int) -> int:
+    def _next_a(self) -> int:
         """Run A trains every window twice (once per phase), in the order the phases come."""
         a, self.a_next = self.a_next, self.a_next + 1
-        self.a.commit(t, as_window=a)
         return a
 
     def finish(self) -> None:
-        ray.get(self.refs)
+        ray.get([self.a.ref, self.b.ref])
 
-    def _figures(self, trained: list[tuple[_FollowedRun, int]], began: float) -> dict:
+    def _measure(self, trained: list[tuple[_FollowedRun, int, int]]) -> dict:
+        """trained: (run, its window index, source window) for each run working in this phase."""
+        commits = [run.stage(t, as_window=w) for run, w, t in trained]
+        began = time.time()
+        for commit in commits:
+            commit()
+        for run, w, _ in trained:
+            self._wait(run, w + 1)
         seconds = time.time() - began
-        records = [run.record(w) for run, w in trained]
+        records = [run.record(w) for run, w, _ in trained]
         # train_s: the slowest run's training pass alone, to tell compute from per-window overhead
         return _figures(sum(r["rows"] for r in records), seconds, max(r["train_s"] for r in records), began)
 
@@ -242,9 +234,10 @@ class _RayRuns:
 class _FollowedRun:
     def __init__(self, source: AugmentedStore, storage: Path, tenant: TenantConfig, last_window: int):
         self.source, self.tenant = source, tenant
+        self.spec, self.records = source.spec(), source.records()
         self.registry = TenantRegistry(storage)
         self.store = AugmentedStore(storage)
-        self.store.declare_spec(source.spec())  # the run builds its student before the first window
+        self.store.declare_spec(self.spec)  # the run builds its student before the first window
         self.last_window = last_window
         self.progress = self.registry.progress_path(tenant.name)
         self._seen: tuple[int, int] | None = None
@@ -253,11 +246,12 @@ class _FollowedRun:
         run_cfg = TenantRunConfig(storage=str(storage), entry=entry, last_window=last_window, follow=True, poll_s=0.05)
         self.ref = fit_tenant_task().remote(run_cfg)
 
-    def commit(self, t: int, *, as_window: int) -> None:
+    def stage(self, t: int, *, as_window: int) -> Callable[[], None]:
+        """Copy source window t into this run's staging area; the returned call commits it."""
         staged = self.store.staging_dir(f"bench{as_window}") / f"window={as_window}"
         shutil.copytree(self.source.window_dir(t), staged)
-        record = self.source.records()[t].model_copy(update={"window": as_window})
-        self.store.commit(as_window, staged, record, self.source.spec())
+        record = self.records[t].model_copy(update={"window": as_window})
+        return lambda: self.store.commit(as_window, staged, record, self.spec)
 
     def record(self, window: int) -> dict:
         history = self.registry.read_json(self.registry.metrics_path(self.tenant.name))

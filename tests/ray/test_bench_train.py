@@ -20,9 +20,7 @@ def test_bench_train_arms_train_the_same_rows_and_figures_add_up(ray_cluster):
             assert 0 < w[arm]["train_s"] <= w[arm]["seconds"]
     rows = sum(w["plain"]["rows"] for w in got["per_window"])
     assert got["rows_per_tenant"] == rows
-    seconds = sum(w["two_tenants"]["seconds"] for w in got["per_window"])
-    assert math.isclose(got["two_tenants_rows_per_s"], 2 * rows / seconds)
-    assert math.isclose(got["scaling"], got["two_tenants_rows_per_s"] / got["one_tenant_rows_per_s"])
-    assert math.isclose(got["ratio"], got["ray_rows_per_s"] / got["plain_rows_per_s"])
-    assert math.isclose(got["machine_scaling"], got["bare_pair_rows_per_s"] / got["plain_rows_per_s"])
-    assert got["ray_rows_per_s"] == got["one_tenant_rows_per_s"]
+    # Totals are rows over seconds summed across windows (not a mean of per-window rates).
+    for arm, per_tenant in (("one_tenant", 1), ("two_tenants", 2), ("bare_pair", 2)):
+        seconds = sum(w[arm]["seconds"] for w in got["per_window"])
+        assert math.isclose(got[f"{arm}_rows_per_s"], per_tenant * rows / seconds)
