@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exfm_ray.data.presets import STREAMS
 from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.recipes import experiment_recipe
 from jobs.settings import Settings
@@ -12,7 +13,7 @@ from jobs.settings import Settings
 
 def add_parser(sub) -> None:
     p = sub.add_parser("experiment", help="run the streaming ExFM experiment and write a results table")
-    p.add_argument("--dataset", choices=["synthetic", "movielens", "frappe"], default="synthetic")
+    p.add_argument("--dataset", choices=STREAMS, default="synthetic", help="a named stream (docs/data.md)")
     p.add_argument("--data", type=Path, help="your own CSV/Parquet file (with --mapping)")
     p.add_argument("--mapping", type=Path, help="YAML mapping of your file's columns")
     p.add_argument("--data-dir", type=Path, help="folder with movielens_100k/ and frappe/ (default EXFM_DATA_DIR)")

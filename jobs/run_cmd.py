@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+from exfm_ray.data.presets import STREAMS, source_fields
 from jobs.settings import Settings
 
 LOCAL_CPUS = 8  # logical CPUs of a local Ray: FM ranks, trainers, DAS and Serve time-share the cores
@@ -15,7 +16,7 @@ LOCAL_CPUS = 8  # logical CPUs of a local Ray: FM ranks, trainers, DAS and Serve
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="the whole ExFM loop over a stream on Ray, ending with a report and served students")
-    p.add_argument("--dataset", choices=["synthetic", "movielens", "frappe"], default="synthetic")
+    p.add_argument("--dataset", choices=STREAMS, default="synthetic", help="a named stream (docs/data.md)")
     p.add_argument("--data", type=Path, help="your own CSV/Parquet click log (with --mapping)")
     p.add_argument("--mapping", type=Path, help="YAML mapping of your file's columns")
     p.add_argument("--data-dir", type=Path, help="folder with movielens_100k/ and frappe/")
@@ -35,22 +36,18 @@ def config_from_args(args: argparse.Namespace, settings: Settings):
 
     data = load_yaml(args.config) if args.config else {}
     data["storage"] = str((args.storage or Path(data.get("storage") or settings.storage)).resolve())
-    source = dict(data.get("source") or {})
     # Demo-sized by default (2 tenants, 6 windows of 10,000 examples); the YAML, then flags, override.
-    synthetic = {"num_tenants": 2, "num_windows": 6, "rows_per_window": 10_000, **(source.get("synthetic") or {})}
-    for key, value in (("num_windows", args.windows), ("rows_per_window", args.rows_per_window),
-                       ("num_tenants", args.tenants)):  # fmt: skip
-        if value:
-            synthetic[key] = value
-    source["synthetic"] = synthetic
-    if args.data or args.mapping:
-        source.update(dataset="byo", data_path=args.data, mapping_path=args.mapping)
-    elif args.dataset != "synthetic":
-        source["dataset"] = args.dataset
-    if args.dataset == "frappe" and args.windows:
-        source["num_windows"] = args.windows
-    source.setdefault("data_dir", args.data_dir or settings.resolved_data_dir())
-    data["source"] = source
+    data["source"] = source_fields(
+        args.dataset,
+        base=data.get("source"),
+        synthetic_defaults={"num_tenants": 2, "num_windows": 6, "rows_per_window": 10_000},
+        num_windows=args.windows,
+        rows_per_window=args.rows_per_window,
+        num_tenants=args.tenants,
+        data_dir=args.data_dir or settings.resolved_data_dir(),
+        data_path=args.data,
+        mapping_path=args.mapping,
+    )
     return PipelineConfig.parse(data, source=str(args.config or "exfm run"))
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exfm_ray.data.presets import STREAMS, source_fields
 from exfm_ray.data.sources import SourceConfig, load_stream
-from exfm_ray.data.synthetic import SyntheticConfig
 from jobs.settings import Settings
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stream", help="write a stream (synthetic, a shared dataset or your file) as Parquet windows")
-    p.add_argument("--dataset", choices=["synthetic", "movielens", "frappe"], default="synthetic")
+    p.add_argument("--dataset", choices=STREAMS, default="synthetic", help="a named stream (docs/data.md)")
     p.add_argument("--data", type=Path, help="your own CSV/Parquet file (with --mapping)")
     p.add_argument("--mapping", type=Path, help="YAML mapping of your file's columns")
     p.add_argument("--data-dir", type=Path, help="folder with movielens_100k/ and frappe/")
@@ -23,22 +23,15 @@ def add_parser(sub) -> None:
 
 
 def source_from_args(args: argparse.Namespace) -> SourceConfig:
-    dataset = "byo" if args.data or args.mapping else args.dataset
-    synthetic = {}
-    if args.windows:
-        synthetic["num_windows"] = args.windows
-    if args.rows_per_window:
-        synthetic["rows_per_window"] = args.rows_per_window
-    return SourceConfig.parse(
-        {
-            "dataset": dataset,
-            "synthetic": SyntheticConfig.parse(synthetic),
-            "data_dir": args.data_dir or Settings().resolved_data_dir(),
-            "data_path": args.data,
-            "mapping_path": args.mapping,
-            **({"num_windows": args.windows} if args.windows and dataset == "frappe" else {}),
-        }
+    fields = source_fields(
+        args.dataset,
+        num_windows=args.windows,
+        rows_per_window=args.rows_per_window,
+        data_dir=args.data_dir or Settings().resolved_data_dir(),
+        data_path=args.data,
+        mapping_path=args.mapping,
     )
+    return SourceConfig.parse(fields, source="exfm stream")
 
 
 def run(args: argparse.Namespace) -> int:

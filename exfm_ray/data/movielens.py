@@ -29,7 +29,6 @@ from exfm_ray.schema import SparseFeature, StreamSpec, TenantSpec, arrow_schema
 
 FOLDER = "movielens_100k"
 INTER, USER, ITEM = "ml-100k.inter.gz", "ml-100k.user.gz", "ml-100k.item.gz"
-WEEK_S = 7 * 86_400
 DAY_S = 86_400
 
 # Groups of roughly equal traffic (rows of the log): student 21,957, technical 21,540,
@@ -44,12 +43,12 @@ AGE_EDGES = (18, 25, 35, 45, 50, 56)  # bands <18, 18-24, 25-34, 35-44, 45-49, 5
 STUDENT_FEATURES = ["user_id", "item_id", "genres", "age_bucket", "gender"]
 
 
-def movielens_stream(data_dir: Path, num_tenants: int | None = None) -> Stream:
+def movielens_stream(data_dir: Path, num_tenants: int | None = None, window_days: int = 7) -> Stream:
     """Load MovieLens-100K as a stream.
 
     data_dir is the folder holding `movielens_100k/` (or that folder itself). num_tenants
     (1..4, default 4) keeps the first num_tenants - 1 occupation groups and folds the rest into
-    "other"; 1 gives a single tenant "all".
+    "other"; 1 gives a single tenant "all". window_days sets the window length (7: weekly).
     """
     folder = _folder(Path(data_dir))
     n_groups = len(OCCUPATION_GROUPS) + 1
@@ -75,7 +74,8 @@ def movielens_stream(data_dir: Path, num_tenants: int | None = None) -> Stream:
     i_row = _lookup(item_keys, item_raw, "item_id:token", order)
 
     start = int(ts[0]) // DAY_S * DAY_S
-    window = windows_by_period(ts, start, WEEK_S)
+    period = window_days * DAY_S
+    window = windows_by_period(ts, start, period)
     num_windows = int(window[-1]) + 1
 
     occupation = users["occupation:token"].to_numpy(str)
@@ -119,7 +119,8 @@ def movielens_stream(data_dir: Path, num_tenants: int | None = None) -> Stream:
         name="movielens",
         description=(
             "MovieLens-100K ratings, label_click = rating >= 4. Rows sorted by timestamp (stable); "
-            f"{num_windows} windows of 7 days from 00:00 UTC of the first rating's day, the last one partial. "
+            f"{num_windows} windows of {window_days} days from 00:00 UTC of the first rating's day, "
+            "the last one partial. "
             f"Tenants = user occupation groups {_describe_groups(tenant_names)}; no overlap. "
             f"Students see {', '.join(STUDENT_FEATURES)}; the FM also sees occupation, zip_prefix, release_decade."
         ),
@@ -127,7 +128,7 @@ def movielens_stream(data_dir: Path, num_tenants: int | None = None) -> Stream:
         dense=[],
         tasks=["click"],
         tenants=[TenantSpec(name=t, features=list(STUDENT_FEATURES)) for t in tenant_names],
-        window_starts=[start + t * WEEK_S for t in range(num_windows)],
+        window_starts=[start + t * period for t in range(num_windows)],
     )
     data = {
         "example_id": order.astype(np.int64),

@@ -13,6 +13,7 @@ from exfm_ray.data.frappe import FOLDER as FRAPPE_FOLDER
 from exfm_ray.data.frappe import frappe_stream
 from exfm_ray.data.movielens import FOLDER as MOVIELENS_FOLDER
 from exfm_ray.data.movielens import movielens_stream
+from exfm_ray.data.rare import thin_positives
 from exfm_ray.data.stream import Stream
 from exfm_ray.data.synthetic import SyntheticConfig, synthetic_stream
 from exfm_ray.errors import ConfigError
@@ -34,13 +35,26 @@ class SourceConfig(Config):
     num_tenants: int | None = Field(
         None, ge=1, description="MovieLens tenants (1..4, default 4: occupation groups, the rest in 'other')."
     )
+    window_days: int = Field(7, ge=1, description="MovieLens window length in days (7: 31 weekly windows).")
+    positive_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Rare-positive form: drop positives at random until about this share of rows is positive.",
+    )
+    thin_seed: int = Field(0, description="Seed of the positives dropped for positive_rate.")
 
 
 def load_stream(cfg: SourceConfig) -> Stream:
+    stream = _load(cfg)
+    return stream if cfg.positive_rate is None else thin_positives(stream, cfg.positive_rate, cfg.thin_seed)
+
+
+def _load(cfg: SourceConfig) -> Stream:
     if cfg.dataset == "synthetic":
         return synthetic_stream(cfg.synthetic)
     if cfg.dataset == "movielens":
-        return movielens_stream(_dataset_dir(cfg, MOVIELENS_FOLDER), cfg.num_tenants)
+        return movielens_stream(_dataset_dir(cfg, MOVIELENS_FOLDER), cfg.num_tenants, cfg.window_days)
     if cfg.dataset == "frappe":
         return frappe_stream(_dataset_dir(cfg, FRAPPE_FOLDER), cfg.num_windows)
     data_path = _existing(cfg.data_path, "data_path")

@@ -40,12 +40,21 @@ class SyntheticConfig(Config):
         None, description="Traffic share per tenant; default halves from one tenant to the next."
     )
     overlap: float = Field(0.15, ge=0.0, le=1.0, description="Share of examples also logged by a 2nd tenant.")
-    positive_rate: float = Field(0.1, ge=0.01, le=0.9, description="Target positive rate per tenant.")
+    positive_rate: float = Field(0.1, ge=0.001, le=0.9, description="Target positive rate per tenant.")
     drift: float = Field(0.15, ge=0.0, le=3.2, description="Rotation of user factors per window (radians).")
     num_users: int = Field(1000, ge=10, description="Users (cardinality of user_id).")
     num_ads: int = Field(200, ge=10, description="Ads (cardinality of ad_id).")
     num_categories: int = Field(24, ge=2, description="Ad categories = user topics.")
     latent_dim: int = Field(8, ge=1, description="Rank of the user x ad affinity.")
+    zipf_exponent: float = Field(
+        0.9, gt=0, description="Popularity of users and ads ~ 1 / rank**exponent (higher = heavier head)."
+    )
+    cold_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of users and of ads absent from window 0 that join later, evenly over the windows.",
+    )
     signal: float = Field(1.0, gt=0, description="Scale of all ground-truth effects (higher = easier).")
     window_seconds: int = Field(86_400, gt=0, description="Length of a window in seconds.")
     start_time: int = Field(1_704_067_200, description="Unix time of the start of window 0.")
@@ -68,8 +77,10 @@ class SyntheticStream:
         self.tenants = list(TENANT_NAMES[: cfg.num_tenants])
         shares = np.asarray(cfg.tenant_shares or [0.5**i for i in range(cfg.num_tenants)], dtype=float)
         self.shares = shares / shares.sum()
-        self.user_pop = _zipf(cfg.num_users, 0.9, rng)
-        self.ad_pop = _zipf(cfg.num_ads, 0.9, rng)
+        self.user_pop = _zipf(cfg.num_users, cfg.zipf_exponent, rng)
+        self.ad_pop = _zipf(cfg.num_ads, cfg.zipf_exponent, rng)
+        self.user_joins = _joins(cfg.num_users, cfg.cold_share, cfg.num_windows, rng)
+        self.ad_joins = _joins(cfg.num_ads, cfg.cold_share, cfg.num_windows, rng)
         self.u0 = rng.normal(0, 1 / np.sqrt(k), (cfg.num_users, k))
         self.u1 = rng.normal(0, 1 / np.sqrt(k), (cfg.num_users, k))
         self.v = rng.normal(0, 1.0, (cfg.num_ads, k))
@@ -125,8 +136,8 @@ class SyntheticStream:
     def _examples(self, t: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.cfg
         return {
-            "user_id": rng.choice(c.num_users, n, p=self.user_pop),
-            "ad_id": rng.choice(c.num_ads, n, p=self.ad_pop),
+            "user_id": rng.choice(c.num_users, n, p=_present(self.user_pop, self.user_joins, t)),
+            "ad_id": rng.choice(c.num_ads, n, p=_present(self.ad_pop, self.ad_joins, t)),
             "device": rng.integers(0, 4, n),
             "hour": rng.integers(0, 24, n),
             "slot": rng.integers(0, 16, (n, c.num_tenants)),
@@ -236,6 +247,20 @@ def _zipf(n: int, a: float, rng: np.random.Generator) -> np.ndarray:
     w = 1.0 / np.arange(1, n + 1) ** a
     w = w[rng.permutation(n)]
     return w / w.sum()
+
+
+def _joins(n: int, cold_share: float, num_windows: int, rng: np.random.Generator) -> np.ndarray:
+    """Window in which each id first appears: 0 for most, 1..num_windows-1 for a cold share."""
+    joins = np.zeros(n, np.int64)
+    if cold_share > 0 and num_windows > 1:
+        cold = rng.random(n) < cold_share
+        joins[cold] = rng.integers(1, num_windows, int(cold.sum()))
+    return joins
+
+
+def _present(pop: np.ndarray, joins: np.ndarray, t: int) -> np.ndarray:
+    p = np.where(joins <= t, pop, 0.0)
+    return p / p.sum()
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

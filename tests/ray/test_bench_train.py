@@ -2,7 +2,11 @@
 
 import math
 
+import pytest
+
 from jobs.bench_train import run_train_bench
+
+pytestmark = pytest.mark.ray
 
 
 def test_bench_train_arms_train_the_same_rows_and_figures_add_up(ray_cluster):
