@@ -63,7 +63,18 @@ def evaluate(y, p) -> dict[str, float]:
     }
 
 
-def transfer_ratio(ne_fm_a: float, ne_fm_b: float, ne_vm_a: float, ne_vm_b: float) -> float:
+def transfer_ratio(ne_alone: float, ne_student: float, ne_fm: float) -> float:
+    """The share of the FM's gain over the student alone that the distilled student captures:
+    (NE_alone - NE_student) / (NE_alone - NE_FM), on the same rows. 1 = the student is as good as
+    the FM, 0 = no better than alone, < 0 = worse. NaN when the FM is not better than the student
+    alone (there is no gain to capture)."""
+    gain = ne_alone - ne_fm
+    if not all(math.isfinite(x) for x in (ne_alone, ne_student, ne_fm)) or gain <= 0:
+        return math.nan
+    return (ne_alone - ne_student) / gain
+
+
+def snapshot_transfer_ratio(ne_fm_a: float, ne_fm_b: float, ne_vm_a: float, ne_vm_b: float) -> float:
     """TR = dNE_VM / dNE_FM (relative NE changes) for FM snapshots A (weaker) and B (stronger),
     with the VM distilled from A and from B, on the same evaluation windows."""
     d_fm = (ne_fm_a - ne_fm_b) / ne_fm_a

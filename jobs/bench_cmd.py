@@ -16,6 +16,31 @@ def add_parser(sub) -> None:
     _add_train(what)
     _add_fm(what)
     _add_das(what)
+    _add_guard(what)
+
+
+def _add_guard(what) -> None:
+    p = what.add_parser("guard", help="what the guard's student-alone twin costs a tenant: rows/s and memory")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--windows", type=int, default=6, help="windows each arm trains on, interleaved")
+    p.add_argument("--rows-per-window", type=int, default=40_000, help="synthetic examples per window")
+    p.set_defaults(run=run_guard)
+
+
+def run_guard(args: argparse.Namespace) -> int:
+    from exfm_ray.bench.guard import GuardBenchConfig, run
+
+    cfg = GuardBenchConfig.parse(
+        {"windows": args.windows, "rows_per_window": args.rows_per_window}, source="exfm bench guard"
+    )
+    r = run(cfg)
+    print(
+        f"guard off {r['guard_off_rows_per_s']:,.0f} rows/s | guard on {r['guard_on_rows_per_s']:,.0f} rows/s | "
+        f"ratio {r['rows_per_s_ratio']:.2f} (median window {r['ratio_median_window']:.2f}) | checkpoint "
+        f"{r['state_bytes_guard_off'] / 1e6:.2f} -> {r['state_bytes_guard_on'] / 1e6:.2f} MB ({r['state_ratio']:.2f}x)"
+    )
+    _write_json(args.json, r)
+    return 0
 
 
 def _add_fm(what) -> None:

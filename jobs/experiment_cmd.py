@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from exfm_ray.data.presets import STREAMS
-from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.config import SWEEPS, ExperimentConfig
 from exfm_ray.experiment.recipes import experiment_recipe
 from jobs.settings import Settings
 
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds")
     p.add_argument("--fm-delay", type=int, help="FM delay in windows (0 = leaky oracle, diagnostic only)")
     p.add_argument("--variants", help="comma-separated subset of vm_only,kd_single_head,ah,ah_sa")
+    p.add_argument("--sweep", choices=SWEEPS, help="run one of the method's evidence sweeps (docs/results.md)")
     p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -53,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from exfm_ray.experiment.api import experiment
 
     cfg = config_from_args(args)
+    if args.sweep:
+        from exfm_ray.experiment.api import sweep
+
+        result = sweep(cfg, args.sweep, args.out, show_progress=not args.no_progress)
+        print(Path(result["paths"]["markdown"]).read_text())
+        for kind, path in result["paths"].items():
+            print(f"{kind}: {path}")
+        return 0
     results = experiment(cfg, args.out, show_progress=not args.no_progress)
     print(Path(results["paths"]["markdown"]).read_text())
     print(f"{results['load_report']}; {results['seconds']} s")

@@ -136,6 +136,10 @@ def tenant_rows(storage: Path) -> list[dict]:
                 "last_ne": last.get("ne"),
                 "last_auc": last.get("auc"),
                 "served_version": pub.version if pub else None,
+                "guard": entry.config.guard,
+                "serving": last.get("guard_choice"),
+                "guard_reason": last.get("guard_reason"),
+                "last_control_ne": last.get("control_ne"),
                 "phase": progress.get("phase"),
                 "progress_age_s": round(time.time() - progress["updated_at"], 1) if progress else None,
             }
@@ -151,11 +155,15 @@ def run_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no tenants registered (exfm tenants add NAME [--config tenant.yaml])")
         return 0
-    print(f"{'tenant':<14}{'status':<9}{'variant':<16}{'windows':>8}{'last NE':>10}  {'served':<12}phase")
+    head = f"{'tenant':<14}{'status':<9}{'variant':<16}{'windows':>8}{'last NE':>10}{'alone':>8}  "
+    print(f"{head}{'served':<12}{'serving':<11}phase")
     for r in rows:
-        ne = f"{r['last_ne']:.4f}" if isinstance(r["last_ne"], float) else "-"
+        ne, alone = (f"{r[k]:.4f}" if isinstance(r[k], float) else "-" for k in ("last_ne", "last_control_ne"))
+        serving = r["serving"] or "-" if r["guard"] else "exfm (no guard)"
         print(
-            f"{r['tenant']:<14}{r['status']:<9}{r['variant']:<16}{r['windows_trained']:>8}{ne:>10}  "
-            f"{r['served_version'] or '-':<12}{r['phase'] or '-'}"
+            f"{r['tenant']:<14}{r['status']:<9}{r['variant']:<16}{r['windows_trained']:>8}{ne:>10}{alone:>8}  "
+            f"{r['served_version'] or '-':<12}{serving:<11}{r['phase'] or '-'}"
         )
+        if r["guard"] and r["guard_reason"]:
+            print(f"{'':<14}guard: {r['guard_reason']}")
     return 0

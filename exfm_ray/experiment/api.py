@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,6 +12,8 @@ from exfm_ray.data.sources import load_stream
 from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.report import summarize, write_results
 from exfm_ray.experiment.runner import count_steps, run_experiment
+from exfm_ray.experiment.sweeps import run_sweep, sweep_points, write_sweep
+from exfm_ray.files import json_safe
 
 
 def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True) -> dict:
@@ -19,12 +21,7 @@ def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True)
     stream = load_stream(cfg.source)
     spec = stream.spec
     total = count_steps(cfg, spec.num_windows, len(spec.tenants))
-    with tqdm(total=total, desc="experiment", unit="step", disable=not show_progress, leave=False) as bar:
-
-        def progress(n: int, label: str) -> None:
-            bar.set_postfix_str(label, refresh=False)
-            bar.update(n)
-
+    with _bar(total, "experiment", show_progress) as progress:
         records = run_experiment(cfg, stream, progress)
     results = {
         "dataset": spec.name,
@@ -42,17 +39,31 @@ def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True)
         "records": records,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    results = _clean(results)
+    results = json_safe(results)
     results["paths"] = {k: str(v) for k, v in write_results(results, out_dir).items()}
     return results
 
 
-def _clean(obj):
-    """NaN -> None so results.json is strict JSON."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
+def sweep(cfg: ExperimentConfig, name: str, out_dir: Path, show_progress: bool = True) -> dict:
+    """`exfm experiment --sweep NAME`: every point of the sweep, then sweep.json/.md/.png."""
+    start = time.perf_counter()
+    stream = load_stream(cfg.source)
+    spec = stream.spec
+    points = sweep_points(name, cfg, stream)
+    total = sum(count_steps(p, spec.num_windows, len(spec.tenants)) for _, p in points)
+    with _bar(total, f"sweep {name}", show_progress) as progress:
+        result = run_sweep(name, cfg, stream, progress)
+    result = json_safe({**result, "description": spec.description, "seconds": round(time.perf_counter() - start, 1)})
+    result["paths"] = {k: str(v) for k, v in write_sweep(result, out_dir).items()}
+    return result
+
+
+@contextmanager
+def _bar(total: int, desc: str, show: bool):
+    with tqdm(total=total, desc=desc, unit="step", disable=not show, leave=False) as bar:
+
+        def progress(n: int, label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(n)
+
+        yield progress

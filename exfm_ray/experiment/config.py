@@ -7,7 +7,9 @@ from pydantic import Field, field_validator
 from exfm_ray.configbase import Config
 from exfm_ray.data.sources import SourceConfig
 from exfm_ray.fm.config import FMConfig
-from exfm_ray.students.config import VARIANTS, StudentConfig
+from exfm_ray.students.config import VARIANTS, StudentConfig, split_variant, variant
+
+SWEEPS = ("delay", "fm_bias", "fm_size", "knobs")  # `exfm experiment --sweep`, see experiment/sweeps.py
 
 
 class KnobsConfig(Config):
@@ -17,6 +19,7 @@ class KnobsConfig(Config):
     beta: float = Field(1.0, ge=0, description="Gradient scale from aux heads into the backbone.")
     alpha: float = Field(1.0, gt=0, description="FM label scaling: min(1, alpha * p_F).")
     w_sa: float = Field(1.0, ge=0, description="Loss weight of the adapted-label term.")
+    w_serving: float = Field(0.0, ge=0, description="Weight of a serving-head term toward the adapted label.")
     sa_head: str = Field("separate", description="'separate' or 'shared' aux head for the SA target.")
 
 
@@ -29,13 +32,23 @@ class ExperimentConfig(Config):
     seeds: int = Field(3, ge=1, description="Number of seeds (model init and batch order); data is fixed.")
     fm_delay: int = Field(1, ge=0, description="FM delay: window t is labeled by the FM trained through t-delay.")
     warmup: int | None = Field(None, ge=0, description="Windows left out of averages; default fm_delay + 1.")
+    fm_bias: dict[str, float] = Field(
+        default_factory=dict,
+        description="Diagnostic: a logit offset added to the FM's labels of a tenant (the FM systematically "
+        "wrong on it), by tenant name.",
+    )
+    guard_windows: int = Field(
+        3, ge=1, description="Trailing windows the do-no-harm guard pools (the tenants' default)."
+    )
 
     @field_validator("variants")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = [x for x in v if x not in VARIANTS]
+        unknown = [x for x in v if split_variant(x)[0] not in VARIANTS]
         if unknown:
-            raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+            raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)} (knobs after '@')")
+        for x in v:
+            variant(x)  # knobs after '@' must be valid DistillConfig fields
         return v
 
     @property

@@ -12,9 +12,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from exfm_ray.experiment.guarded import BASE_RATE, worst_excess  # noqa: E402
 from exfm_ray.experiment.runner import mean_std  # noqa: E402
+from exfm_ray.metrics import transfer_ratio  # noqa: E402
+from exfm_ray.students.config import DEFAULT_VARIANT  # noqa: E402
 
 BASELINE = "vm_only"
+GUARD_SPAN = 3  # the guard's promise is checked over any 3 consecutive windows
 
 
 def summarize(records: list[dict], warmup: int) -> dict:
@@ -44,10 +48,6 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "seeds": len(ne_by_seed),
             "ne_by_seed": ne_by_seed,
         }
-    if BASELINE in summary:
-        base = summary[BASELINE]["ne_mean"]
-        for s in summary.values():
-            s["ne_change_vs_vm_only_pct"] = 100.0 * (s["ne_mean"] - base) / base
     tenants = {
         v: {
             t: dict(zip(("ne_mean", "ne_std"), mean_std([_nanmean(x) for x in by_seed.values()]), strict=True))
@@ -55,7 +55,66 @@ def summarize(records: list[dict], warmup: int) -> dict:
         }
         for v, ts in per_tenant.items()
     }
-    return {"summary": summary, "per_tenant": tenants, "per_window": _per_window(records)}
+    if BASELINE in summary:
+        base = summary[BASELINE]["ne_mean"]
+        worst = _worst_windows(records, warmup)
+        for v, s in summary.items():
+            s["ne_change_vs_vm_only_pct"] = 100.0 * (s["ne_mean"] - base) / base
+            s.update(worst.get(v, {}))
+            if v not in ("fm", BASELINE, BASE_RATE) and "fm" in summary:
+                s["transfer_ratio"] = transfer_ratio(base, s["ne_mean"], summary["fm"]["ne_mean"])
+                for t, cell in tenants[v].items():
+                    alone, fm = tenants[BASELINE].get(t), tenants["fm"].get(t)
+                    if alone and fm:
+                        cell["transfer_ratio"] = transfer_ratio(alone["ne_mean"], cell["ne_mean"], fm["ne_mean"])
+    summary["default_variant"] = DEFAULT_VARIANT
+    return {
+        "summary": summary,
+        "default_variant": DEFAULT_VARIANT,
+        "per_tenant": tenants,
+        "per_window": _per_window(records),
+        "guard": _guard_summary(records, warmup),
+    }
+
+
+def variants_of(summary: dict) -> dict[str, dict]:
+    """The per-variant entries of a summary (it also names the default variant)."""
+    return {v: s for v, s in summary.items() if isinstance(s, dict)}
+
+
+def _worst_windows(records: list[dict], warmup: int) -> dict[str, dict]:
+    """Per variant, the worst post-warm-up window against vm_only (%, mean over seeds): of the
+    NE averaged over tenants, and of any single tenant."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if r["window"] >= warmup and not math.isnan(r["ne"]):
+            cells[(r["variant"], r["seed"], r["window"])].append(r["ne"])
+            cells[(r["variant"], r["seed"], r["window"], r["tenant"])].append(r["ne"])
+    out: dict[str, dict] = {}
+    for v in {k[0] for k in cells}:
+        for width, name in ((3, "worst_window_vs_vm_only_pct"), (4, "worst_tenant_window_vs_vm_only_pct")):
+            rel: dict[tuple, list[float]] = defaultdict(list)
+            for key, ne in cells.items():
+                if key[0] == v and len(key) == width:
+                    base = cells.get((BASELINE, *key[1:]))
+                    if base:
+                        rel[key[2:]].append(100 * (_nanmean(ne) - _nanmean(base)) / _nanmean(base))
+            if rel:
+                out.setdefault(v, {})[name] = max(sum(x) / len(x) for x in rel.values())
+    return out
+
+
+def _guard_summary(records: list[dict], warmup: int) -> dict:
+    guarded = f"{DEFAULT_VARIANT}+guard"
+    served = [r["served"] for r in records if r["variant"] == guarded and r["window"] >= warmup]
+    if not served:
+        return {}
+    return {
+        "variant": guarded,
+        "trailing_windows_compared": GUARD_SPAN,
+        "worst_excess_vs_control_pct": worst_excess(records, guarded, BASELINE, GUARD_SPAN, warmup),
+        "served_share": {c: served.count(c) / len(served) for c in sorted(set(served))},
+    }
 
 
 def _per_window(records: list[dict]) -> dict:
@@ -83,30 +142,54 @@ def _nanmean(xs: list[float]) -> float:
 
 
 def markdown(results: dict) -> str:
-    s, order = results["summary"], _order(results["summary"])
+    s = variants_of(results["summary"])
+    order = _order(s)
+    default = results.get("default_variant", DEFAULT_VARIANT)
     lines = [
         f"## {results['dataset']}: NE after warm-up ({results['warmup']} windows), "
         f"{results['seeds']} seeds, FM delay {results['fm_delay']}",
         "",
-        "| variant | NE mean | NE std | NE vs vm_only | AUC mean | calibration |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"Default variant: `{default}`. TR = transfer ratio, the share of the FM's gain over vm_only that the "
+        "student captures. Worst window = the post-warm-up window (NE averaged over tenants, mean over seeds) "
+        "where the variant is furthest above vm_only.",
+        "",
+        "| variant | NE mean | NE std | NE vs vm_only | worst window | TR | AUC mean | calibration |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in order:
         r = s[v]
         change = r.get("ne_change_vs_vm_only_pct")
+        name = f"**{v}** (default)" if v == default else v
         lines.append(
-            f"| {v} | {_f(r['ne_mean'])} | {_f(r['ne_std'])} | {_f(change, '+.2f')}% | {_f(r['auc_mean'])} | "
-            f"{_f(r['calibration_mean'], '.3f')} |"
+            f"| {name} | {_f(r['ne_mean'])} | {_f(r['ne_std'])} | {_f(change, '+.2f')}% | "
+            f"{_f(r.get('worst_window_vs_vm_only_pct'), '+.2f')}% | {_f(r.get('transfer_ratio'), '.2f')} | "
+            f"{_f(r['auc_mean'])} | {_f(r['calibration_mean'], '.3f')} |"
         )
     tenants = sorted({t for v in results["per_tenant"].values() for t in v})
-    lines += ["", "Per tenant, NE mean over seeds:", "", "| variant | " + " | ".join(tenants) + " |"]
+    lines += ["", "Per tenant, NE mean over seeds (TR in brackets):", "", "| variant | " + " | ".join(tenants) + " |"]
     lines.append("|---|" + "---:|" * len(tenants))
     for v in order:
         row = results["per_tenant"].get(v, {})
-        lines.append(f"| {v} | " + " | ".join(_f(row[t]["ne_mean"]) if t in row else "-" for t in tenants) + " |")
+        lines.append(f"| {v} | " + " | ".join(_tenant_cell(row.get(t)) for t in tenants) + " |")
+    guard = results.get("guard") or {}
+    if guard:
+        share = ", ".join(f"{c} {100 * x:.0f}%" for c, x in guard["served_share"].items())
+        lines += [
+            "",
+            f"Guard (`{guard['variant']}`): served {share} of tenant-windows after warm-up; worst excess over "
+            f"vm_only over any {guard['trailing_windows_compared']} consecutive windows "
+            f"{_f(guard['worst_excess_vs_control_pct'], '+.2f')}%.",
+        ]
     if results.get("leaky"):
         lines += ["", "**FM delay 0 is a leaky oracle (the FM was trained on the window it labels): diagnostic only.**"]
     return "\n".join(lines) + "\n"
+
+
+def _tenant_cell(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    tr = cell.get("transfer_ratio")
+    return _f(cell["ne_mean"]) + (f" ({_f(tr, '.2f')})" if tr is not None and not math.isnan(tr) else "")
 
 
 def _f(x: float | None, fmt: str = ".4f") -> str:
@@ -114,8 +197,9 @@ def _f(x: float | None, fmt: str = ".4f") -> str:
 
 
 def _order(summary: dict) -> list[str]:
-    known = ["fm", "vm_only", "kd_single_head", "ah", "ah_sa"]
-    return [v for v in known if v in summary] + sorted(set(summary) - set(known))
+    known = ["fm", BASE_RATE, "vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa"]
+    names = [v for v, s in summary.items() if isinstance(s, dict)]
+    return [v for v in known if v in names] + sorted(set(names) - set(known))
 
 
 def plot(results: dict, path: Path) -> Path:

@@ -18,11 +18,13 @@ import torch
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.data.sources import load_stream
 from exfm_ray.data.stream import Stream
+from exfm_ray.errors import ConfigError
 from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.guarded import CONTROL, base_rate_records, guarded_records
 from exfm_ray.fm.learner import FMLearner, head_logit
 from exfm_ray.fm.model import build_fm, count_parameters
 from exfm_ray.metrics import evaluate
-from exfm_ray.students.config import variant
+from exfm_ray.students.config import DEFAULT_VARIANT, variant
 from exfm_ray.students.learner import StudentLearner
 from exfm_ray.students.model import build_student
 
@@ -44,6 +46,9 @@ def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress
     """
     stream = stream or load_stream(cfg.source)
     spec = stream.spec
+    unknown = sorted(set(cfg.fm_bias) - set(spec.tenant_names))
+    if unknown:
+        raise ConfigError(f"field 'fm_bias': unknown tenants {unknown}; the stream has {spec.tenant_names}")
     full = [WindowTensors(w, spec) for w in stream.windows]
     parts = [_split_by_tenant(stream, t, full[t]) for t in range(spec.num_windows)]
     records: list[dict] = []
@@ -56,12 +61,23 @@ def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress
                     part.rows.set_fm(torch.zeros(len(part.index)), torch.zeros(len(part.index), dtype=torch.bool))
                     continue
                 logit = head_logit(fm_logits[t][part.index], torch.full((len(part.index),), i))
+                logit = logit + cfg.fm_bias.get(name, 0.0)
                 part.rows.set_fm(logit, torch.ones(len(part.index), dtype=torch.bool))
                 records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
         for name in spec.tenant_names:
             for v in cfg.variants:
                 records += _run_student(cfg, stream, parts, seed, v, name, progress)
-    return records
+    return records + _guard_records(cfg, parts, records)
+
+
+def _guard_records(cfg: ExperimentConfig, parts: list[dict[str, TenantWindow]], records: list[dict]) -> list[dict]:
+    """The constant base-rate predictor, and what the guard would have served on top of the
+    default variant (needs the default and vm_only among the variants)."""
+    labels = {(name, t): part.rows.label.numpy() for t, by in enumerate(parts) for name, part in by.items()}
+    flat = base_rate_records(records, labels, cfg.guard_windows)
+    if DEFAULT_VARIANT not in cfg.variants or CONTROL not in cfg.variants:
+        return flat
+    return flat + guarded_records(records + flat, DEFAULT_VARIANT, cfg.guard_windows)
 
 
 def count_steps(cfg: ExperimentConfig, num_windows: int, num_tenants: int) -> int:
@@ -113,6 +129,7 @@ def _run_student(
     for t, by_tenant in enumerate(parts):
         if tenant in by_tenant:
             rows = by_tenant[tenant].rows
+            learner.start(rows.label, rows.fm_logit, rows.fm_mask)
             preds = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
             out.append(_record(seed, variant_name, tenant, t, rows.label, preds))
             for b in rows.batches(cfg.student.batch_size, features, dense):

@@ -22,6 +22,9 @@ class FMConfig(Config):
         2, ge=1, description="Passes over each new window: the external FM has its own compute budget."
     )
     batch_size: int = Field(256, gt=0, description="FM training batch size.")
+    base_rate_start: bool = Field(
+        True, description="Each tenant head's bias starts at its first window's positive rate (False: PyTorch's init)."
+    )
 
     def resolved(self) -> ResolvedFMSizes:
         s = self.size

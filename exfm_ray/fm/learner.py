@@ -9,6 +9,7 @@ from torch import nn
 from exfm_ray.data.batching import Batch, WindowTensors
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.optim import SplitOptimizer
+from exfm_ray.priors import base_rate, prior_logit
 from exfm_ray.students.losses import bce
 
 
@@ -32,9 +33,11 @@ class FMLearner:
         optimizer=None,
         rank: int = 0,
         world_size: int = 1,
+        fresh: bool = True,
     ):
         """`model` is the FM or its DMP-sharded wrapper; a sharded job passes its fused optimizer
-        and its rank, and every rank then trains on its own slice of each global batch."""
+        and its rank, and every rank then trains on its own slice of each global batch. `fresh`:
+        the model was just initialized (not restored), so its heads start at the base rates."""
         self.model = model
         self.cfg = cfg
         self.opt = optimizer or SplitOptimizer(model, cfg.lr, cfg.embedding_lr)
@@ -42,6 +45,7 @@ class FMLearner:
         self.rank = rank
         self.world_size = world_size
         self.windows_trained = 0
+        self.fresh = fresh
 
     def step(self, batch: Batch) -> float:
         self.model.train()
@@ -59,6 +63,8 @@ class FMLearner:
         rank takes the same number of steps (the collectives of a sharded FM need that). The
         caller pads the window to a multiple of world_size * batch_size (`pad_rows`).
         """
+        if self.fresh and self.windows_trained == 0 and self.cfg.base_rate_start:
+            self.start_at_base_rates(rows)
         b = self.cfg.batch_size
         features = list(self.model_feature_names)
         starts = list(range(0, rows.num_rows, b * self.world_size))
@@ -69,6 +75,15 @@ class FMLearner:
                 losses.append(self.step(rows.batch(lo, min(lo + b, rows.num_rows), features)))
         self.windows_trained += 1
         return sum(losses) / max(len(losses), 1)
+
+    @torch.no_grad()
+    def start_at_base_rates(self, rows: WindowTensors) -> None:
+        """Each tenant head's bias starts at its tenant's positive rate in the first window, as
+        the students' do. Every rank holds the whole window, so the dense replicas stay equal."""
+        heads = getattr(self.model, "module", self.model).heads
+        for h in range(heads.out_features):
+            labels = rows.label[rows.tenant == h]
+            heads.bias[h] = prior_logit(base_rate(labels))
 
     @property
     def model_feature_names(self) -> list[str]:

@@ -66,7 +66,13 @@ def train_loop(config: dict) -> dict:
         torch.manual_seed(cfg.seed)
         model.module.reset_dense_parameters()
     learner = FMLearner(
-        model, cfg.fm, seed=cfg.seed, optimizer=dense_optimizer(model, cfg.fm.lr), rank=rank, world_size=world
+        model,
+        cfg.fm,
+        seed=cfg.seed,
+        optimizer=dense_optimizer(model, cfg.fm.lr),
+        rank=rank,
+        world_size=world,
+        fresh=base is None,
     )
     first = base["through_window"] + 1 if base is not None else 0
     losses, watermark = {}, base["watermark"] if base is not None else -1

@@ -18,7 +18,9 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from exfm_ray.tenants.report import _clean, _f, _ok, summarize  # noqa: E402
+from exfm_ray.files import json_safe  # noqa: E402
+from exfm_ray.metrics import transfer_ratio  # noqa: E402
+from exfm_ray.tenants.report import _f, _ok, served_counts, summarize  # noqa: E402
 from exfm_ray.tenants.report import plot as plot_tenants  # noqa: E402
 
 
@@ -59,11 +61,20 @@ def system_rows(records: dict, staleness: dict[int, tuple], timings: dict) -> li
 
 def overall(summary: dict[str, dict]) -> dict:
     """Mean over tenants of each tenant's mean after warm-up."""
-    keys = ("ne_mean", "control_ne_mean", "fm_ne_mean", "auc_mean")
+    keys = ("ne_mean", "control_ne_mean", "served_ne_mean", "base_rate_ne_mean", "fm_ne_mean", "auc_mean")
     out = {}
     for k in keys:
-        vals = [s[k] for s in summary.values() if _ok(s[k])]
+        vals = [s[k] for s in summary.values() if _ok(s.get(k))]
         out[k] = sum(vals) / len(vals) if vals else None
+    tr = None
+    if all(_ok(out[k]) for k in ("ne_mean", "control_ne_mean", "fm_ne_mean")):
+        tr = transfer_ratio(out["control_ne_mean"], out["ne_mean"], out["fm_ne_mean"])
+    out["transfer_ratio"] = tr if _ok(tr) else None
+    served: dict[str, int] = {}
+    for s in summary.values():
+        for c, n in (s.get("served") or {}).items():
+            served[c] = served.get(c, 0) + n
+    out["served"] = served
     return out
 
 
@@ -89,25 +100,34 @@ def markdown(report: dict) -> str:
         f"{report.get('fm_delay', '?')}, tenants {', '.join(sorted(report['tenants']))}. Averages leave out the "
         f"first {w} windows (no FM label yet, then the FM's first one).",
         "",
-        "## Students: ExFM vs the same student alone (NE, lower is better)",
+        "## Students: ExFM vs the same student alone, and what the guard served (NE, lower is better)",
         "",
-        "| tenant | NE ExFM | NE alone | change | FM NE | AUC ExFM |",
-        "|---|---:|---:|---:|---:|---:|",
+        "The guard serves, after each window, whichever of the ExFM student, the student alone and the "
+        "constant base rate had the lowest NE over the trailing windows. TR = transfer ratio: the share of "
+        "the FM's gain over the student alone that the ExFM student captures.",
+        "",
+        "| tenant | NE ExFM | NE alone | change | NE served | served windows | FM NE | TR | AUC ExFM |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     rows = [*sorted(report["tenants"].items()), ("all tenants", report["all_tenants"])]
     for name, s in rows:
         ne, alone = s["ne_mean"], s["control_ne_mean"]
         change = f"{100 * (ne - alone) / alone:+.2f}%" if _ok(ne) and _ok(alone) else "n/a"
-        lines.append(f"| {name} | {_f(ne)} | {_f(alone)} | {change} | {_f(s['fm_ne_mean'])} | {_f(s['auc_mean'])} |")
-    lines += ["", "Per window (`ne_per_window.png`):", "", "| window | " + " | ".join(
-        f"{t} ExFM / alone / FM" for t in sorted(report["windows"])) + " |"]  # fmt: skip
+        lines.append(
+            f"| {name} | {_f(ne)} | {_f(alone)} | {change} | {_f(s.get('served_ne_mean'))} | "
+            f"{served_counts(s.get('served') or {})} | {_f(s['fm_ne_mean'])} | {_f(s.get('transfer_ratio'), '.2f')} "
+            f"| {_f(s['auc_mean'])} |"
+        )
+    lines += ["", "Per window (`ne_per_window.png`), NE of ExFM / alone / FM, and the model served:", "",
+              "| window | " + " | ".join(sorted(report["windows"])) + " |"]  # fmt: skip
     lines.append("|---:|" + "---|" * len(report["windows"]))
     windows = sorted({r["window"] for h in report["windows"].values() for r in h})
     for t in windows:
         cells = []
         for tenant in sorted(report["windows"]):
             r = next((x for x in report["windows"][tenant] if x["window"] == t), {})
-            cells.append(f"{_f(r.get('ne'))} / {_f(r.get('control_ne'))} / {_f(r.get('fm_ne'))}")
+            served = f", served {r['served']}" if r.get("served") else ""
+            cells.append(f"{_f(r.get('ne'))} / {_f(r.get('control_ne'))} / {_f(r.get('fm_ne'))}{served}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -175,7 +195,7 @@ def write(report: dict, out_dir: Path) -> dict[str, Path]:
         "ne_plot": out_dir / "ne_per_window.png",
         "system_plot": out_dir / "system.png",
     }
-    paths["json"].write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(report))
     plot_tenants(report["windows"], paths["ne_plot"], title="NE per window: ExFM student, student alone, FM")
     plot_system(report["system"], paths["system_plot"])

@@ -20,7 +20,7 @@ from pydantic import Field
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
 from exfm_ray.schema import StreamSpec
-from exfm_ray.students.config import StudentConfig
+from exfm_ray.students.config import DEFAULT_VARIANT, StudentConfig
 from exfm_ray.students.model import ServingStudent, Student, serving_parts
 
 SERVING_FILE = "serving.pt"
@@ -42,7 +42,11 @@ class StudentMeta(Config):
     student: StudentConfig = Field(description="Size dial the weights were built with.")
     fm_versions: list[str] = Field(default_factory=list, description="FM versions whose labels it learned from.")
     metrics: dict[str, float | None] = Field(default_factory=dict, description="Evaluation metrics at export.")
-    variant: str = Field("ah_sa", description="Distillation variant used in training.")
+    variant: str = Field(DEFAULT_VARIANT, description="Distillation variant used in training.")
+    served: str = Field(
+        "exfm", description="Which model the guard published: exfm (the ExFM student), control or base_rate."
+    )
+    guard_reason: str = Field("", description="Why the guard chose it (trailing NE of each candidate).")
 
     def schema_hash(self) -> str:
         """Identifies the input schema: a server can refuse a checkpoint whose inputs changed."""
@@ -56,12 +60,13 @@ def student_meta(spec: StreamSpec, tenant: str, cfg: StudentConfig, **fields) ->
     return StudentMeta(tenant=tenant, features=features, dense=list(t.dense), student=cfg, **fields)
 
 
-def save_student(student: Student, meta: StudentMeta, path: str | Path) -> Path:
+def save_student(student: Student | ServingStudent, meta: StudentMeta, path: str | Path) -> Path:
     """Write the serving checkpoint atomically: a reader sees the old folder or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    torch.save(student.serving_model().state_dict(), tmp / SERVING_FILE)
+    serving = student.serving_model() if isinstance(student, Student) else student
+    torch.save(serving.state_dict(), tmp / SERVING_FILE)
     (tmp / META_FILE).write_text(meta.model_dump_json(indent=2))
     if path.exists():
         shutil.rmtree(path)

@@ -8,7 +8,19 @@ from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 
-VARIANTS = ("vm_only", "kd_single_head", "ah", "ah_sa")
+# Each named variant is a switch setting of DistillConfig; knobs (w, beta, alpha, ...) come on top.
+BASE_VARIANTS: dict[str, dict] = {
+    "vm_only": {"mode": "none", "adapter": False},
+    "kd_single_head": {"mode": "single_head", "adapter": False},
+    "kd_sa": {"mode": "single_head", "adapter": True},
+    "ah": {"mode": "aux_head", "adapter": False},
+    "ah_sa": {"mode": "aux_head", "adapter": True},
+}
+VARIANTS = tuple(BASE_VARIANTS)
+# The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
+# serving head distills the Student Adapter's label (the FM mapped onto fresh labels). Why not
+# ah_sa: docs/results.md, "Rare positives and the default variant".
+DEFAULT_VARIANT = "kd_sa"
 
 
 class StudentConfig(Config):
@@ -16,6 +28,9 @@ class StudentConfig(Config):
     lr: float = Field(3e-3, gt=0, description="Adam learning rate of the dense layers (backbone and heads).")
     embedding_lr: float = Field(0.1, gt=0, description="Adagrad learning rate of the embedding tables.")
     batch_size: int = Field(128, gt=0, description="Training batch size.")
+    base_rate_start: bool = Field(
+        True, description="Every head's bias starts at the first window's positive rate (False: PyTorch's init)."
+    )
 
     @property
     def embedding_dim(self) -> int:
@@ -34,38 +49,70 @@ class DistillConfig(Config):
         description="none = VM alone; single_head = FM target on the serving head (KD baseline); "
         "aux_head = FM target on an auxiliary head dropped at serving time.",
     )
-    adapter: bool = Field(True, description="Train a Student Adapter on fresh labels and distill its output.")
+    adapter: bool = Field(
+        True,
+        description="Train a Student Adapter on fresh labels and distill its output: through a second aux head "
+        "(aux_head mode) or as the serving head's distillation target (single_head mode).",
+    )
     w: float = Field(1.0, ge=0, description="Loss weight of the FM distillation term.")
     beta: float = Field(1.0, ge=0, description="Gradient scale from aux head(s) into the backbone (GS).")
     alpha: float = Field(1.0, gt=0, description="Label scaling of the FM target: min(1, alpha * p_F) (LS).")
     w_sa: float = Field(1.0, ge=0, description="Loss weight of the adapted-label term L_sa.")
+    w_serving: float = Field(
+        0.0,
+        ge=0,
+        description="aux_head mode: weight of a distillation term on the serving head itself, toward the "
+        "adapted label (the FM label without an adapter).",
+    )
     sa_head: Literal["separate", "shared"] = Field(
         "separate", description="A second aux head for the SA target, or share the FM aux head."
     )
     sa_input: Literal["logit", "prob"] = Field("logit", description="Adapter input: FM logit or probability.")
     sa_hidden: int = Field(8, gt=0, description="Hidden width of the adapter MLP (1 -> h -> 1).")
-    sa_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the adapter (its own optimizer).")
+    sa_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the adapter (its own optimizer).")
+    sa_start: bool = Field(
+        True,
+        description="The adapter starts at the log-odds gap between the first FM-labeled window's positive rate "
+        "and the FM's mean prediction there (False: at the identity).",
+    )
+    sa_order: Literal["before", "after"] = Field(
+        "before",
+        description="Algorithm 1 updates the adapter on a batch 'before' computing that batch's adapted label "
+        "(the paper's order); 'after' labels the batch first, so the target never holds its own batch's labels.",
+    )
     mask_norm: Literal["mask", "batch"] = Field(
         "mask", description="Normalize masked distillation means by mask count or by batch size."
     )
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if self.adapter and self.mode != "aux_head":
-            raise ValueError("adapter needs mode 'aux_head' (its target is learned by an aux head)")
+        if self.adapter and self.mode == "none":
+            raise ValueError("adapter needs mode 'single_head' or 'aux_head' (a head must learn its label)")
         return self
 
 
+def split_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'ah_sa@w=2,beta=0.5' -> ('ah_sa', {'w': '2', 'beta': '0.5'}): a named variant with its own knobs
+    (how a knob grid names its arms)."""
+    name, _, rest = spec.partition("@")
+    knobs = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            from exfm_ray.errors import ConfigError
+
+            raise ConfigError(f"variant {spec!r}: expected knob=value after '@', got {part!r}")
+        knobs[key.strip()] = value.strip()
+    return name, knobs
+
+
 def variant(name: str, **knobs: float | str) -> DistillConfig:
-    """Named recipes of the experiment; knobs (w, beta, alpha, w_sa, sa_head, ...) apply where used."""
-    base = {
-        "vm_only": {"mode": "none", "adapter": False},
-        "kd_single_head": {"mode": "single_head", "adapter": False},
-        "ah": {"mode": "aux_head", "adapter": False},
-        "ah_sa": {"mode": "aux_head", "adapter": True},
-    }
-    if name not in base:
+    """Named recipes of the experiment; knobs (w, beta, alpha, w_sa, sa_head, ...) apply where used.
+
+    `name` may carry its own knobs after '@' ('ah_sa@w=2,beta=0.5'); they override `knobs`."""
+    name, own = split_variant(name)
+    if name not in BASE_VARIANTS:
         from exfm_ray.errors import ConfigError
 
         raise ConfigError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
-    return DistillConfig.parse({**knobs, **base[name]}, source=f"variant {name}")
+    return DistillConfig.parse({**knobs, **own, **BASE_VARIANTS[name]}, source=f"variant {name}")

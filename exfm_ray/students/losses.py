@@ -84,7 +84,8 @@ def student_loss(
     loss = serving_loss(s, y)
     parts = {"serving": float(loss.detach())}
     if cfg.mode == "single_head":
-        kd = single_head_kd_loss(s, fm_logit, mask, cfg)
+        # With an adapter the serving head learns the adapted label (the FM mapped onto fresh labels).
+        kd = aux_sa_loss(s, t_sa, mask, cfg) if t_sa is not None else single_head_kd_loss(s, fm_logit, mask, cfg)
         loss = loss + cfg.w * kd
         parts["kd"] = float(kd.detach())
     elif cfg.mode == "aux_head":
@@ -97,4 +98,9 @@ def student_loss(
             lsa = aux_sa_loss(d2, t_sa, mask, cfg)
             loss = loss + cfg.w_sa * lsa
             parts["aux_sa"] = float(lsa.detach())
+        if cfg.w_serving > 0:
+            target = t_sa.detach() if t_sa is not None else fm_target(fm_logit, cfg.alpha)
+            ls = masked_mean(bce(s, target), mask, cfg.mask_norm)
+            loss = loss + cfg.w_serving * ls
+            parts["serving_kd"] = float(ls.detach())
     return loss, parts

@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.mlp import MLP
 
 from exfm_ray.fm.model import pairwise_dots
+from exfm_ray.priors import prior_logit
 from exfm_ray.schema import StreamSpec
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import grad_scale
@@ -36,6 +37,11 @@ class StudentAdapter(nn.Module):
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+
+    @torch.no_grad()
+    def start_at_offset(self, offset: float) -> None:
+        """Start as f + offset: a constant log-odds correction of the FM (its last layer is 0)."""
+        self.net[-1].bias.fill_(offset)
 
     def forward(self, fm_logit: torch.Tensor) -> torch.Tensor:
         x = fm_logit if self.use_logit else torch.sigmoid(fm_logit)
@@ -99,7 +105,7 @@ class Student(nn.Module):
         z = cfg.hidden[-1]
         self.distill = distill
         self.aux_fm = nn.Linear(z, 1) if distill.mode == "aux_head" else None
-        separate = distill.adapter and distill.sa_head == "separate"
+        separate = distill.adapter and distill.sa_head == "separate" and distill.mode == "aux_head"
         self.aux_sa = nn.Linear(z, 1) if separate else None
         self.adapter = StudentAdapter(distill.sa_hidden, distill.sa_input == "logit") if distill.adapter else None
 
@@ -116,6 +122,18 @@ class Student(nn.Module):
                 d2 = (self.aux_sa or self.aux_fm)(zg).squeeze(1)
         return StudentOutput(s, d, d2)
 
+    @torch.no_grad()
+    def start_at_base_rate(self, rate: float) -> None:
+        """Every head's bias at logit(rate), so a fresh student predicts about the base rate.
+
+        Random heads start near 0.5 (NE 2 at 10% positives, 14 at 1%) and a rare-positive
+        student spends its first windows walking the bias down. The weights stay random: zeroed
+        head weights were tried and cost 5-10% NE on Frappe (docs/results.md).
+        """
+        for head in (self.serving_head, self.aux_fm, self.aux_sa):
+            if head is not None:
+                head.bias.fill_(prior_logit(rate))
+
     def serving_model(self) -> ServingStudent:
         """The serving path only, sharing weights with this student."""
         return ServingStudent(self.ebc, self.dense_proj, self.backbone, self.serving_head)
@@ -123,6 +141,18 @@ class Student(nn.Module):
     def training_only_parameters(self) -> list[nn.Parameter]:
         parts = [m for m in (self.aux_fm, self.aux_sa) if m is not None]
         return [p for m in parts for p in m.parameters()]
+
+
+def constant_serving(student: Student, rate: float) -> ServingStudent:
+    """A serving model with the student's inputs that answers `rate` for every row: the guard's
+    base-rate fallback, loadable wherever the student is."""
+    import copy
+
+    model = copy.deepcopy(student.serving_model())
+    with torch.no_grad():
+        model.serving_head.weight.zero_()
+        model.serving_head.bias.fill_(prior_logit(rate))
+    return model
 
 
 def serving_parts(

@@ -38,7 +38,7 @@ class StudentStore:
     def __init__(self, root: str | Path):
         self.root = Path(root) / "students"
 
-    def publish(self, student: Student, meta: StudentMeta) -> Published:
+    def publish(self, student: Student | ServingStudent, meta: StudentMeta) -> Published:
         _check_name(meta.tenant, "tenant")
         _check_name(meta.version, "version")
         path = save_student(student, meta, self.root / meta.tenant / "versions" / meta.version)

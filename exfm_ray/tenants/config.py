@@ -18,10 +18,10 @@ from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError
 from exfm_ray.experiment.config import KnobsConfig
 from exfm_ray.schema import FM_LOGIT, FM_MASK, StreamSpec, TenantSpec, label_column
-from exfm_ray.students.config import StudentConfig, variant
+from exfm_ray.students.config import DEFAULT_VARIANT, StudentConfig, variant
 from exfm_ray.students.store import valid_name
 
-Variant = Literal["vm_only", "kd_single_head", "ah", "ah_sa"]
+Variant = Literal["vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa"]
 
 
 class TenantConfig(Config):
@@ -35,11 +35,19 @@ class TenantConfig(Config):
     dense: list[str] | None = Field(None, description="Dense features; default: those every source tenant logs.")
     task: str | None = Field(None, description="Label task (label_<task>); default: the source tenants' task.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student size and optimizer.")
-    variant: Variant = Field("ah_sa", description="How the student learns from the FM (vm_only = not at all).")
+    variant: Variant = Field(DEFAULT_VARIANT, description="How the student learns from the FM (vm_only = not at all).")
     knobs: KnobsConfig = Field(default_factory=KnobsConfig, description="Distillation knobs w, beta, alpha, w_sa.")
     control: bool = Field(
-        False, description="Also train a student without the FM on the same batches, to report what the FM adds."
+        False,
+        description="Also train a student without the FM on the same batches, to report what the FM adds "
+        "(always on with the guard).",
     )
+    guard: bool = Field(
+        True,
+        description="Do-no-harm guard: after each window serve whichever of the ExFM student, the student "
+        "alone (control) and the constant base rate had the lowest NE over the trailing windows.",
+    )
+    guard_windows: int = Field(3, ge=1, description="Trailing windows the guard pools to compare the candidates.")
     workers: int = Field(1, ge=1, le=64, description="Ray Train workers (data parallel) of this tenant's run.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     resources_per_worker: dict[str, float] = Field(
@@ -51,6 +59,10 @@ class TenantConfig(Config):
 
     def distill(self):
         return variant(self.variant, **self.knobs.model_dump())
+
+    @property
+    def trains_control(self) -> bool:
+        return self.control or self.guard
 
 
 class TenantView(Config):

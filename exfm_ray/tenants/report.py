@@ -13,39 +13,64 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from exfm_ray.files import json_safe  # noqa: E402
+from exfm_ray.metrics import transfer_ratio  # noqa: E402
+from exfm_ray.students.guard import CANDIDATES  # noqa: E402
+
 
 def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, dict]:
     """Per tenant: mean NE/AUC (ExFM student, student alone, FM) over windows >= warmup."""
     out = {}
     for tenant, history in histories.items():
         rows = [r for r in history if r["window"] >= warmup]
-        out[tenant] = {
+        s = {
             "windows": len(history),
             "ne_mean": _mean(r.get("ne") for r in rows),
             "auc_mean": _mean(r.get("auc") for r in rows),
             "control_ne_mean": _mean(r.get("control_ne") for r in rows),
             "fm_ne_mean": _mean(r.get("fm_ne") for r in rows),
+            "served_ne_mean": _mean(r.get("served_ne") for r in rows),
+            "base_rate_ne_mean": _mean(r.get("base_rate_ne") for r in rows),
             "first_ne": history[0].get("ne") if history else None,
             "last_ne": history[-1].get("ne") if history else None,
+            "served": {
+                c: sum(r.get("served") == c for r in rows)
+                for c in CANDIDATES
+                if any(r.get("served") == c for r in rows)
+            },
+            "serving_now": history[-1].get("guard_choice") if history else None,
         }
+        tr = None
+        if _ok(s["control_ne_mean"]) and _ok(s["ne_mean"]) and _ok(s["fm_ne_mean"]):
+            tr = transfer_ratio(s["control_ne_mean"], s["ne_mean"], s["fm_ne_mean"])
+        s["transfer_ratio"] = tr if _ok(tr) else None
+        out[tenant] = s
     return out
 
 
 def markdown(summary: dict[str, dict], warmup: int) -> str:
     lines = [
-        f"NE after warm-up (windows >= {warmup}), lower is better; 'alone' = same student without the FM.",
+        f"NE after warm-up (windows >= {warmup}), lower is better; 'alone' = same student without the FM; "
+        "'served' = what the do-no-harm guard served; TR = transfer ratio (share of the FM's gain over the "
+        "student alone that the ExFM student captures).",
         "",
-        "| tenant | windows | NE (ExFM) | NE (alone) | NE change | FM NE | AUC (ExFM) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| tenant | windows | NE (ExFM) | NE (alone) | NE change | NE (served) | served windows | FM NE | TR "
+        "| AUC (ExFM) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for tenant, s in sorted(summary.items()):
         ne, alone = s["ne_mean"], s["control_ne_mean"]
         change = f"{100 * (ne - alone) / alone:+.2f}%" if _ok(ne) and _ok(alone) else "n/a"
         lines.append(
-            f"| {tenant} | {s['windows']} | {_f(ne)} | {_f(alone)} | {change} | {_f(s['fm_ne_mean'])} "
+            f"| {tenant} | {s['windows']} | {_f(ne)} | {_f(alone)} | {change} | {_f(s.get('served_ne_mean'))} "
+            f"| {served_counts(s.get('served') or {})} | {_f(s['fm_ne_mean'])} | {_f(s.get('transfer_ratio'), '.2f')} "
             f"| {_f(s['auc_mean'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def served_counts(served: dict[str, int]) -> str:
+    return ", ".join(f"{c} {n}" for c, n in served.items()) or "-"
 
 
 def plot(histories: dict[str, list[dict]], path: Path, title: str = "NE per window") -> Path:
@@ -58,6 +83,7 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str = "NE per wind
             ("ne", "ExFM student", {"marker": "."}),
             ("control_ne", "student alone", {"linestyle": "--", "marker": "."}),
             ("fm_ne", "FM", {"linestyle": ":", "color": "black"}),
+            ("served_ne", "served (guard)", {"linestyle": "none", "marker": "o", "fillstyle": "none"}),
         ):
             pts = [(r["window"], r[key]) for r in h if _ok(r.get(key))]
             if pts:
@@ -88,7 +114,7 @@ def write_report(histories: dict[str, list[dict]], out_dir: Path, warmup: int = 
         "plot": out_dir / "ne_per_window.png",
     }
     payload = {"warmup": warmup, "summary": summary, "windows": histories}
-    paths["json"].write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(summary, warmup))
     plot(histories, paths["plot"])
     return paths
@@ -105,13 +131,3 @@ def _mean(values) -> float | None:
 
 def _f(v, fmt: str = ".4f") -> str:
     return format(v, fmt) if _ok(v) else "n/a"
-
-
-def _clean(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj

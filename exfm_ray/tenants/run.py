@@ -18,9 +18,11 @@ import torch
 
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.metrics import evaluate
+from exfm_ray.priors import base_rate
 from exfm_ray.students.config import variant
+from exfm_ray.students.guard import NE_KEY, decide, trailing_base_rate
 from exfm_ray.students.learner import GradSync, StudentLearner
-from exfm_ray.students.model import build_student
+from exfm_ray.students.model import ServingStudent, build_student, constant_serving
 from exfm_ray.tenants.config import TenantView
 
 EVAL_BATCH = 4096
@@ -43,7 +45,7 @@ class TenantRun:
         self.learner = StudentLearner(build_student(view.spec, name, cfg.student, cfg.distill()), cfg.student,
                                       cfg.distill(), grad_sync)  # fmt: skip
         self.control = None
-        if cfg.control:
+        if cfg.trains_control:
             # Same seed, and the shared parts are built first: the twin starts from the same weights.
             torch.manual_seed(cfg.seed)
             alone = variant("vm_only")
@@ -70,6 +72,7 @@ class TenantRun:
         started = time.perf_counter()
         losses = self._train(rows, progress)
         seconds = time.perf_counter() - started
+        self._guard(record)
         record.update(
             loss=float(np.mean(losses)) if losses else math.nan,
             train_rows=rows.num_rows,
@@ -82,6 +85,32 @@ class TenantRun:
         self.fm_versions |= versions
         self.history.append(record)
         return record
+
+    def _guard(self, record: dict) -> None:
+        """Which model served this window (chosen after the previous one) and which one to publish
+        now; with the guard off, always the ExFM student."""
+        served = self.history[-1]["guard_choice"] if self.history else "exfm"
+        record.update(served=served, served_ne=record.get(NE_KEY[served]))
+        cfg = self.view.tenant
+        if cfg.guard and self.control is not None:
+            decision = decide([*self.history, record], cfg.guard_windows)
+            record.update(guard_choice=decision.serve, guard_reason=decision.reason)
+        else:
+            record.update(guard_choice="exfm", guard_reason="guard off")
+
+    @property
+    def served_choice(self) -> str:
+        return self.history[-1]["guard_choice"] if self.history else "exfm"
+
+    def served_model(self) -> ServingStudent:
+        """The serving model the guard chose after the last window (shares weights, or a constant)."""
+        choice = self.served_choice
+        if choice == "control" and self.control is not None:
+            return self.control.model.serving_model()
+        if choice == "base_rate":
+            rate = trailing_base_rate(self.history, self.view.tenant.guard_windows)
+            return constant_serving(self.learner.model, rate if rate is not None else 0.5)
+        return self.learner.model.serving_model()
 
     def healthy(self) -> bool:
         """A checkpoint worth serving: the last window trained to a finite loss, finite weights."""
@@ -98,8 +127,17 @@ class TenantRun:
         for prefix, learner in learners.items():
             if learner is None:
                 continue
+            learner.start(
+                rows.label, rows.fm_logit, rows.fm_mask
+            )  # every rank sees the whole window: same prior everywhere
             p = torch.cat([learner.predict(b) for b in rows.batches(EVAL_BATCH, self.features, self.dense)])
             out.update({f"{prefix}{k}": v for k, v in evaluate(y, p.numpy()).items() if k != "rows"})
+        # The third candidate of the guard: the constant rate of the trailing windows trained on
+        # (the first window: its own rate, as every fresh head starts there).
+        rate = trailing_base_rate(self.history, self.view.tenant.guard_windows)
+        rate = base_rate(rows.label) if rate is None else rate
+        flat = evaluate(y, np.full(len(y), rate))
+        out.update(base_rate=rate, base_rate_ne=flat["ne"], base_rate_log_loss=flat["log_loss"])
         mask = rows.fm_mask.numpy()
         if mask.any():
             fm = evaluate(y[mask], torch.sigmoid(rows.fm_logit[mask]).numpy())

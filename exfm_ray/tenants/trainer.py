@@ -163,7 +163,7 @@ class _TenantFiles:
         # A tenant removed while this window trained is no longer served: do not publish it again.
         published = self._publish(run) if _active(self.registry, self.cfg.entry) else None
         tags = {"tenant": self.name}
-        for key in ("ne", "auc", "calibration", "control_ne", "fm_ne", "rows_per_s"):
+        for key in ("ne", "auc", "calibration", "control_ne", "fm_ne", "served_ne", "rows_per_s"):
             value = record.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 gauge(f"tenant_{key}", f"Tenant student {key} on its latest window", ("tenant",)).set(value, tags)
@@ -178,10 +178,9 @@ class _TenantFiles:
     def _write_metrics(self, run) -> None:
         import json
 
-        from exfm_ray.files import atomic_write
-        from exfm_ray.tenants.report import _clean
+        from exfm_ray.files import atomic_write, json_safe
 
-        atomic_write(self.registry.metrics_path(self.name), json.dumps(_clean(run.history), indent=1))
+        atomic_write(self.registry.metrics_path(self.name), json.dumps(json_safe(run.history), indent=1))
 
     def _publish(self, run) -> str | None:
         from exfm_ray.students.checkpoint import student_meta
@@ -203,10 +202,16 @@ class _TenantFiles:
             version=version,
             window=run.last_window,
             fm_versions=sorted(run.fm_versions),
-            metrics={k: last.get(k) for k in ("ne", "auc", "calibration", "loss") if _finite(last.get(k))},
+            metrics={
+                k: last.get(k)
+                for k in ("ne", "auc", "calibration", "loss", "control_ne", "base_rate_ne", "served_ne")
+                if _finite(last.get(k))
+            },
             variant=cfg.variant,
+            served=run.served_choice,
+            guard_reason=last.get("guard_reason", ""),
         )
-        store.publish(run.learner.model, meta)
+        store.publish(run.served_model(), meta)
         return version
 
 
@@ -218,7 +223,7 @@ def summary_line(tenant: str, r: dict, published: str | None) -> str:
     return (
         f"tenant {tenant} window {r['window']}: NE {f('ne')} (alone {f('control_ne')}, FM {f('fm_ne')}), "
         f"AUC {f('auc')}, {r['rows']} rows, {r.get('rows_per_s', 0):,.0f} rows/s, "
-        f"published {published or 'nothing'}"
+        f"published {published or 'nothing'} ({r.get('guard_choice', 'exfm')}: {r.get('guard_reason', '')})"
     )
 
 

@@ -14,8 +14,10 @@ from exfm_ray.data.stream import Stream
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.experiment.api import experiment
 from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.report import variants_of
 from exfm_ray.experiment.runner import _fm_labels, run_experiment
 from exfm_ray.fm.model import FMConfig
+from exfm_ray.students.config import DEFAULT_VARIANT
 
 pytestmark = pytest.mark.unit
 
@@ -66,26 +68,40 @@ def test_records_cover_every_variant_tenant_window_and_fm_starts_after_the_delay
         for tenant in stream.spec.tenant_names:
             assert {(v, tenant, t) for t in range(4)} <= keys
     assert {r["window"] for r in records if r["variant"] == "fm"} == {1, 2, 3}
-    # Progressive validation: window 0 is scored before any training, so every variant agrees there.
+    # Progressive validation: window 0 is scored before any training, so every student agrees there,
+    # and each starts at the window's base rate (random heads would score NE ~2 at 10% positives).
     first = {r["variant"]: r["ne"] for r in records if r["window"] == 0 and r["tenant"] == "feed"}
-    assert len({round(x, 6) for x in first.values()}) == 1
+    students = {v: x for v, x in first.items() if v in cfg.variants}
+    assert len({round(x, 6) for x in students.values()}) == 1
+    assert 0.98 < next(iter(students.values())) < 1.1 and first["base_rate"] == pytest.approx(1.0, abs=1e-3)
     rows = {r["window"]: r["rows"] for r in records if r["variant"] == "vm_only" and r["tenant"] == "feed"}
     assert rows == {t: stream.tenant_rows(t, "feed").num_rows for t in range(4)}
 
 
 def test_experiment_writes_json_markdown_and_png(tmp_path):
-    results = experiment(tiny_cfg(seeds=2, variants=["vm_only", "ah_sa"]), tmp_path, show_progress=False)
+    default = DEFAULT_VARIANT
+    results = experiment(tiny_cfg(seeds=2, variants=["vm_only", "ah", default]), tmp_path, show_progress=False)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["summary"]) == {"fm", "vm_only", "ah_sa"}
-    for s in data["summary"].values():
+    guarded = f"{default}+guard"
+    assert data["default_variant"] == data["summary"]["default_variant"] == default
+    assert set(variants_of(data["summary"])) == {"fm", "vm_only", "ah", default, "base_rate", guarded}
+    for s in variants_of(data["summary"]).values():
         assert {"ne_mean", "ne_std", "auc_mean"} <= set(s)
         assert s["seeds"] == 2 and 0.3 < s["ne_mean"] < 1.5
-    assert data["summary"]["vm_only"]["ne_change_vs_vm_only_pct"] == 0.0
-    per_window = data["per_window"]["ah_sa"]["feed"]
+    vm = data["summary"]["vm_only"]
+    assert vm["ne_change_vs_vm_only_pct"] == 0.0 and vm["worst_window_vs_vm_only_pct"] == 0.0
+    for v in ("ah", default):
+        s = data["summary"][v]
+        fm, alone = data["summary"]["fm"]["ne_mean"], vm["ne_mean"]
+        expected = (alone - s["ne_mean"]) / (alone - fm) if alone > fm else None
+        assert s["transfer_ratio"] == (pytest.approx(expected) if expected is not None else None)
+    assert set(data["guard"]["served_share"]) <= {"exfm", "control", "base_rate"}
+    assert sum(data["guard"]["served_share"].values()) == pytest.approx(1.0)
+    per_window = data["per_window"][default]["feed"]
     assert [p["window"] for p in per_window] == [0, 1, 2, 3]
     assert all({"ne", "auc", "calibration", "rows"} <= set(p) for p in per_window)
     md = (tmp_path / "results.md").read_text()
-    assert "| ah_sa |" in md and "| fm |" in md
+    assert f"| **{default}** (default) |" in md and "| fm |" in md and "| ah |" in md and "Guard" in md
     img = matplotlib.image.imread(tmp_path / "ne_per_window.png")
     assert img.shape[0] > 200 and img.shape[1] > 400 and np.std(img) > 0.01
     assert results["paths"]["json"].endswith("results.json")

@@ -192,3 +192,85 @@ def test_adapter_starts_as_the_identity_on_the_fm_logit():
     f = torch.linspace(-5, 5, 11)
     for use_logit in (True, False):
         assert torch.equal(StudentAdapter(8, use_logit)(f), f)
+
+
+def _vm_step_inputs(world, distill):
+    """A learner, its batch, and the serving/aux logits the VM step will see (the model before it)."""
+    import copy
+
+    spec, _ = world
+    torch.manual_seed(0)
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    b = _batch(world)
+    before = copy.deepcopy(learner.model)
+    with torch.no_grad():
+        out = before(b.sparse, b.dense)
+    return learner, b, before, out
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_algorithm1_target_comes_from_the_adapter_updated_on_the_batch_or_not(world, order):
+    learner, b, before, out = _vm_step_inputs(world, variant("ah_sa", sa_order=order))
+    parts = learner.step(b)
+    updated = learner.model.adapter  # the VM step never touches the adapter
+    assert not torch.equal(updated.net[2].weight, before.adapter.net[2].weight)
+    with torch.no_grad():
+        target = torch.sigmoid((updated if order == "before" else before.adapter)(b.fm_logit))
+        other = torch.sigmoid((before.adapter if order == "before" else updated)(b.fm_logit))
+        expected = masked_mean(bce(out.d2, target), b.fm_mask).item()
+        wrong = masked_mean(bce(out.d2, other), b.fm_mask).item()
+    assert parts["aux_sa"] == pytest.approx(expected, rel=1e-5)
+    assert abs(parts["aux_sa"] - wrong) > 1e-6  # the two orders are told apart
+
+
+def test_w_scales_the_fm_term(world):
+    b = _batch(world)
+    totals = {}
+    for w in (1.0, 3.0):
+        learner, b, _, out = _vm_step_inputs(world, variant("ah", w=w))
+        parts = learner.step(b)
+        totals[w] = parts["total"] - parts["serving"]
+        assert totals[w] == pytest.approx(w * parts["aux_fm"], rel=1e-5)
+    assert totals[3.0] == pytest.approx(3 * totals[1.0], rel=1e-5)
+
+
+def test_kd_sa_distills_the_adapted_label_on_the_serving_head(world):
+    learner, b, before, out = _vm_step_inputs(world, variant("kd_sa"))
+    assert learner.model.aux_fm is None and learner.model.aux_sa is None and learner.model.adapter is not None
+    parts = learner.step(b)
+    assert set(parts) == {"adapter", "serving", "kd", "total"}
+    with torch.no_grad():
+        target = torch.sigmoid(learner.model.adapter(b.fm_logit))
+    assert parts["kd"] == pytest.approx(masked_mean(bce(out.s, target), b.fm_mask).item(), rel=1e-5)
+    raw = masked_mean(bce(out.s, torch.sigmoid(b.fm_logit)), b.fm_mask).item()
+    assert abs(parts["kd"] - raw) > 1e-6  # not the raw FM label
+
+
+def test_adapter_starts_at_the_gap_between_labels_and_the_fm(world):
+    spec, rows = world
+    y = (torch.arange(rows.num_rows) % 10 == 0).float()  # 10% positives
+    f = torch.full((rows.num_rows,), 1.0)  # the FM says 73%: far too high
+    mask = torch.ones(rows.num_rows, dtype=torch.bool)
+    for start in (True, False):
+        distill = variant("kd_sa", sa_start=start)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.start(y, f, torch.zeros_like(mask))  # no FM label yet: the adapter waits
+        assert torch.equal(learner.model.adapter(f), f)
+        learner.start(y, f, mask)
+        adapted = torch.sigmoid(learner.model.adapter(f)).mean().item()
+        assert adapted == (pytest.approx(float(y.mean()), abs=0.005) if start else pytest.approx(0.731, abs=0.001))
+        serving = torch.sigmoid(learner.model.serving_head.bias).item()
+        assert serving == pytest.approx(float(y.mean()), abs=0.005)  # heads start at the base rate
+
+
+def test_variant_names_carry_their_own_knobs():
+    from exfm_ray.errors import ConfigError
+    from exfm_ray.students.config import split_variant
+
+    assert split_variant("ah_sa@w=2,beta=0.5") == ("ah_sa", {"w": "2", "beta": "0.5"})
+    d = variant("ah_sa@w=2,beta=0.5", w=1.0, alpha=3.0)
+    assert (d.w, d.beta, d.alpha, d.mode) == (2.0, 0.5, 3.0, "aux_head")
+    with pytest.raises(ConfigError, match="zz"):
+        variant("ah_sa@zz=1")
+    with pytest.raises(ConfigError, match="knob=value"):
+        variant("ah_sa@w")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from exfm_ray.metrics import auc, calibration, evaluate, log_loss, ne, transfer_ratio
+from exfm_ray.metrics import auc, calibration, evaluate, log_loss, ne, snapshot_transfer_ratio, transfer_ratio
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +37,14 @@ def test_auc_calibration_logloss():
     assert out["rows"] == 4 and out["positives"] == 2
 
 
-def test_transfer_ratio():
+def test_snapshot_transfer_ratio():
     # FM NE improves 10% relative, VM NE improves 2% relative -> TR 0.2
-    assert transfer_ratio(1.0, 0.9, 0.8, 0.784) == pytest.approx(0.2)
+    assert snapshot_transfer_ratio(1.0, 0.9, 0.8, 0.784) == pytest.approx(0.2)
+
+
+def test_transfer_ratio_is_the_share_of_the_fm_gain():
+    # alone 0.95, FM 0.85: a gain of 0.10; the student at 0.92 captures 0.03 of it
+    assert transfer_ratio(0.95, 0.92, 0.85) == pytest.approx(0.3)
+    assert transfer_ratio(0.95, 0.85, 0.85) == pytest.approx(1.0)
+    assert transfer_ratio(0.95, 0.97, 0.85) == pytest.approx(-0.2)
+    assert math.isnan(transfer_ratio(0.95, 0.92, 0.96))  # the FM is worse than the student alone

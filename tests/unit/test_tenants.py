@@ -145,7 +145,10 @@ def test_report_summarizes_what_the_windows_say(tmp_path):
     summary = json.loads(paths["json"].read_text())["summary"]["feed"]
     assert summary["ne_mean"] == pytest.approx(0.85) and summary["control_ne_mean"] == pytest.approx(0.95)
     assert summary["fm_ne_mean"] == pytest.approx(0.75) and summary["first_ne"] == 2.0
-    assert "| feed | 3 | 0.8500 | 0.9500 | -10.53% | 0.7500 | 0.7500 |" in paths["markdown"].read_text()
+    assert summary["transfer_ratio"] == pytest.approx((0.95 - 0.85) / (0.95 - 0.75))
+    assert (
+        "| feed | 3 | 0.8500 | 0.9500 | -10.53% | n/a | - | 0.7500 | 0.50 | 0.7500 |" in paths["markdown"].read_text()
+    )
     assert paths["plot"].stat().st_size > 10_000
 
 

@@ -1,0 +1,93 @@
+"""`exfm bench guard`: what the do-no-harm guard's twin costs a tenant.
+
+The guard trains a second student (the control, no FM) on every batch the ExFM student trains
+on, and scores both plus a constant on every window. Both arms run the one tenant loop
+(`TenantRun`) in this process on the same augmented windows, one torch thread each, alternating
+window by window (the order flips every window, so a drift of the machine cancels).
+Memory is counted exactly: bytes of every tensor a run's checkpoint holds (weights, optimizer
+state) — what a trainer keeps resident for the tenant beyond the window's rows, and what each
+checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from exfm_ray.configbase import Config
+from exfm_ray.das.local import augment_stream_locally
+from exfm_ray.das.store import AugmentedStore
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.fm.config import FMConfig
+from exfm_ray.tenants.config import TenantConfig, resolve
+from exfm_ray.tenants.run import TenantRun
+
+
+class GuardBenchConfig(Config):
+    windows: int = Field(6, ge=2, description="Windows each arm trains on, interleaved window by window.")
+    rows_per_window: int = Field(40_000, ge=1000, description="Synthetic examples per window.")
+    variant: str = Field("kd_sa", description="The ExFM student's variant.")
+
+
+def run(cfg: GuardBenchConfig, log=print) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="exfm-bench-guard-"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stream = SyntheticStream(SyntheticConfig(num_windows=cfg.windows, rows_per_window=cfg.rows_per_window)).stream()
+        augment_stream_locally(stream, work, FMConfig(size=2))
+        store = AugmentedStore(work)
+        arms = {
+            guard: TenantRun(resolve(TenantConfig(name="feed", variant=cfg.variant, guard=guard), store.spec()))
+            for guard in (False, True)
+        }
+        per_window = []
+        for t in range(cfg.windows):
+            table = store.read_window(t, columns=arms[True].view.columns)
+            got = {}
+            for guard in (False, True) if t % 2 == 0 else (True, False):
+                began = time.perf_counter()
+                record = arms[guard].window(t, table)
+                got[guard] = {"rows": record["rows"], "seconds": time.perf_counter() - began}
+            per_window.append({"window": t, "alone": got[False], "guarded": got[True]})
+            ratio = _rate(got[True]) / _rate(got[False])
+            log(f"window {t}: guard off {_rate(got[False]):,.0f} rows/s | on {_rate(got[True]):,.0f} ({ratio:.2f})")
+        off, on = (sum(w[k]["rows"] for w in per_window) / sum(w[k]["seconds"] for w in per_window)
+                   for k in ("alone", "guarded"))  # fmt: skip
+        state_off, state_on = (_state_bytes(arms[g]) for g in (False, True))
+        return {
+            "variant": cfg.variant,
+            "windows": cfg.windows,
+            "rows_per_window": cfg.rows_per_window,
+            "guard_off_rows_per_s": off,
+            "guard_on_rows_per_s": on,
+            "rows_per_s_ratio": on / off,
+            "ratio_median_window": statistics.median(_rate(w["guarded"]) / _rate(w["alone"]) for w in per_window),
+            "state_bytes_guard_off": state_off,
+            "state_bytes_guard_on": state_on,
+            "state_ratio": state_on / state_off,
+            "served_models": 1,
+            "torch_threads": 1,
+            "per_window": per_window,
+        }
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rate(arm: dict) -> float:
+    return arm["rows"] / arm["seconds"]
+
+
+def _state_bytes(run: TenantRun) -> int:
+    """Bytes of a checkpoint of the run (weights and optimizer state of every student it trains)."""
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    return buffer.tell()
