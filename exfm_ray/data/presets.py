@@ -25,6 +25,12 @@ PRESETS: dict[str, dict] = {
     "synthetic": {"dataset": "synthetic"},
     "synthetic-ads": {"dataset": "synthetic", "synthetic": {**ADS_SYNTHETIC, "positive_rate": 0.01}},
     "synthetic-ads-rare": {"dataset": "synthetic", "synthetic": {**ADS_SYNTHETIC, "positive_rate": 0.002}},
+    # Many small tenants (what `exfm run --tenants 6 --rows-per-window 5000` trains): 5,000 examples
+    # a window over 6 tenants whose traffic halves from one to the next (2,500 rows down to 80).
+    "synthetic-small-tenants": {
+        "dataset": "synthetic",
+        "synthetic": {"num_windows": 6, "rows_per_window": 5_000, "num_tenants": 6},
+    },
     "movielens": {"dataset": "movielens"},
     # 4-week windows: at 1% positives a weekly window of one tenant holds 0-17 positives.
     "movielens-rare": {"dataset": "movielens", "positive_rate": 0.01, "window_days": 28},
@@ -33,6 +39,7 @@ PRESETS: dict[str, dict] = {
 }
 STREAMS = tuple(PRESETS)
 RARE_STREAMS = ("synthetic-ads", "synthetic-ads-rare", "movielens-rare", "frappe-rare")
+SMALL_STREAMS = ("synthetic-small-tenants",)
 
 
 def preset(name: str) -> dict:

@@ -71,9 +71,12 @@ class DistillConfig(Config):
     sa_hidden: int = Field(8, gt=0, description="Hidden width of the adapter MLP (1 -> h -> 1).")
     sa_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the adapter (its own optimizer).")
     sa_start: bool = Field(
-        True,
+        False,
         description="The adapter starts at the log-odds gap between the first FM-labeled window's positive rate "
-        "and the FM's mean prediction there (False: at the identity).",
+        "and the FM's mean prediction there, shrunk by n_pos / (n_pos + sa_start_prior) (False: the identity).",
+    )
+    sa_start_prior: float = Field(
+        20.0, ge=0, description="Positives' worth of trust in the identity when the adapter starts (sa_start)."
     )
     sa_order: Literal["before", "after"] = Field(
         "before",

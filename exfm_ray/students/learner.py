@@ -55,8 +55,12 @@ class StudentLearner:
         if adapter is None or self.adapter_started or fm_mask is None or not bool(fm_mask.any()):
             return
         if self.distill.sa_start:
+            y = labels[fm_mask]
             mean_fm = float(torch.sigmoid(fm_logit[fm_mask]).mean())
-            adapter.start_at_offset(prior_logit(base_rate(labels[fm_mask])) - prior_logit(mean_fm))
+            gap = prior_logit(base_rate(y)) - prior_logit(mean_fm)
+            # A rate from a handful of positives is noise: trust it in proportion to the evidence.
+            positives = float(y.sum())
+            adapter.start_at_offset(gap * positives / (positives + self.distill.sa_start_prior))
         self.adapter_started = True
 
     def step(self, batch: Batch) -> dict[str, float]:

@@ -252,7 +252,7 @@ def test_adapter_starts_at_the_gap_between_labels_and_the_fm(world):
     f = torch.full((rows.num_rows,), 1.0)  # the FM says 73%: far too high
     mask = torch.ones(rows.num_rows, dtype=torch.bool)
     for start in (True, False):
-        distill = variant("kd_sa", sa_start=start)
+        distill = variant("kd_sa", sa_start=start, sa_start_prior=0.0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
         learner.start(y, f, torch.zeros_like(mask))  # no FM label yet: the adapter waits
         assert torch.equal(learner.model.adapter(f), f)
@@ -274,3 +274,25 @@ def test_variant_names_carry_their_own_knobs():
         variant("ah_sa@zz=1")
     with pytest.raises(ConfigError, match="knob=value"):
         variant("ah_sa@w")
+
+
+def test_adapter_start_is_shrunk_when_positives_are_few(world):
+    spec, rows = world
+    n = rows.num_rows
+    f = torch.full((n,), 1.0)
+    mask = torch.ones(n, dtype=torch.bool)
+    offsets = {}
+    for positives in (2, 200):
+        y = torch.zeros(n)
+        y[:positives] = 1.0
+        distill = variant("kd_sa", sa_start=True, sa_start_prior=20.0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.start(y, f, mask)
+        offsets[positives] = float(learner.model.adapter(f)[0] - f[0])
+    from exfm_ray.priors import base_rate, prior_logit
+
+    for positives, offset in offsets.items():
+        y = torch.zeros(n)
+        y[:positives] = 1.0
+        gap = prior_logit(base_rate(y)) - 1.0
+        assert offset == pytest.approx(gap * positives / (positives + 20), rel=1e-4)
