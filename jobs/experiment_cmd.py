@@ -8,6 +8,7 @@ from pathlib import Path
 from exfm_ray.data.presets import STREAMS
 from exfm_ray.experiment.config import SWEEPS, ExperimentConfig
 from exfm_ray.experiment.recipes import experiment_recipe
+from exfm_ray.students.config import DEFAULT_VARIANT, VARIANTS
 from jobs.settings import Settings
 
 
@@ -21,7 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small form: fewer windows and 3 seeds")
     p.add_argument("--seeds", type=int, help="number of seeds")
     p.add_argument("--fm-delay", type=int, help="FM delay in windows (0 = leaky oracle, diagnostic only)")
-    p.add_argument("--variants", help="comma-separated subset of vm_only,kd_single_head,ah,ah_sa")
+    p.add_argument(
+        "--variants",
+        help=f"comma-separated, from {','.join(VARIANTS)}; knobs per arm as ah_sa@w=2,beta=0.5 "
+        f"(default: all; the FM is always reported; {DEFAULT_VARIANT} is the default variant)",
+    )
     p.add_argument("--sweep", choices=SWEEPS, help="run one of the method's evidence sweeps (docs/results.md)")
     p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -129,7 +129,7 @@ def _run_student(
     for t, by_tenant in enumerate(parts):
         if tenant in by_tenant:
             rows = by_tenant[tenant].rows
-            learner.start(rows.label, rows.fm_logit, rows.fm_mask)
+            learner.begin_window(rows.label, rows.fm_logit, rows.fm_mask)
             preds = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
             out.append(_record(seed, variant_name, tenant, t, rows.label, preds))
             for b in rows.batches(cfg.student.batch_size, features, dense):

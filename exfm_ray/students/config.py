@@ -18,9 +18,13 @@ BASE_VARIANTS: dict[str, dict] = {
 }
 VARIANTS = tuple(BASE_VARIANTS)
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
-# serving head distills the Student Adapter's label (the FM mapped onto fresh labels). Why not
-# ah_sa: docs/results.md, "Rare positives and the default variant".
+# serving head distills the Student Adapter's label (the FM mapped onto fresh labels), and only
+# while the FM beats the base rate (fm_gate). Why not ah_sa: docs/results.md, "Rare positives and
+# the default variant".
 DEFAULT_VARIANT = "kd_sa"
+# Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
+# override them ('kd_sa@fm_gate=false').
+VARIANT_KNOBS: dict[str, dict] = {"kd_sa": {"fm_gate": True}}
 
 
 class StudentConfig(Config):
@@ -83,6 +87,13 @@ class DistillConfig(Config):
         description="Algorithm 1 updates the adapter on a batch 'before' computing that batch's adapted label "
         "(the paper's order); 'after' labels the batch first, so the target never holds its own batch's labels.",
     )
+    fm_gate: bool = Field(
+        False,
+        description="Distill only while the FM's labels beat a constant: the tenant's positive rate before each "
+        "window, by log loss pooled over this window and the 2 before it (labels the trainer has when it trains). "
+        "Otherwise the student learns from labels alone, as on rows the FM could not label; the adapter keeps "
+        "learning. On in the default variant kd_sa.",
+    )
     mask_norm: Literal["mask", "batch"] = Field(
         "mask", description="Normalize masked distillation means by mask count or by batch size."
     )
@@ -118,4 +129,6 @@ def variant(name: str, **knobs: float | str) -> DistillConfig:
         from exfm_ray.errors import ConfigError
 
         raise ConfigError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
-    return DistillConfig.parse({**knobs, **own, **BASE_VARIANTS[name]}, source=f"variant {name}")
+    return DistillConfig.parse(
+        {**knobs, **VARIANT_KNOBS.get(name, {}), **own, **BASE_VARIANTS[name]}, source=f"variant {name}"
+    )

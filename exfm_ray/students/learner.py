@@ -15,6 +15,10 @@ from exfm_ray.students.losses import adapter_loss, student_loss
 from exfm_ray.students.model import Student
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
+# The FM gate pools its evidence over the current window and the ones before it: one window of a
+# small tenant holds a handful of positives, too few to judge the FM alone (frappe-rare: a
+# per-window gate lost 0.2% NE by distrusting a good FM on noise).
+FM_GATE_WINDOWS = 3
 
 
 class StudentLearner:
@@ -37,16 +41,28 @@ class StudentLearner:
         self.sa_opt = torch.optim.Adam(adapter, lr=distill.sa_lr) if adapter else None
         self.started = False
         self.adapter_started = False
+        self.fm_trusted = True
+        self.seen = (0, 0.0)  # rows and positives of the windows begun so far: the constant the FM must beat
+        self.fm_record: list[tuple[float, float]] = []  # per window: summed log loss of the FM, of that constant
 
-    def start(self, labels: torch.Tensor, fm_logit: torch.Tensor | None = None, fm_mask: torch.Tensor | None = None):
-        """Before a window is scored, with that window's labels (and FM columns).
+    def begin_window(
+        self, labels: torch.Tensor, fm_logit: torch.Tensor | None = None, fm_mask: torch.Tensor | None = None
+    ):
+        """Before a window is scored and trained on, with that window's labels (and FM columns).
 
         First window: every head starts at the window's base rate. The first window with FM
-        labels: the adapter starts at the log-odds gap between the labels and the FM's mean
-        prediction there (a stale or biased FM is corrected from its first batch, not after the
-        adapter's optimizer has crawled to it). Both use one number of the window: the tenant's
-        positive rate, which any ads team knows before it trains a model. Later calls do nothing.
+        labels: with `sa_start`, the adapter starts at the log-odds gap between the labels and the
+        FM's mean prediction there. Every window: with `fm_gate`, the FM's labels are used for
+        distillation only if they beat the window's constant base rate on its labels. All of this
+        reads numbers the trainer has when it trains on the window (its labels), never the scores.
         """
+        if fm_mask is not None and bool(fm_mask.any()):
+            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
+            self.fm_record = [*self.fm_record, fm_and_constant_loss(labels[fm_mask], fm_logit[fm_mask], rate)]
+            self.fm_record = self.fm_record[-FM_GATE_WINDOWS:]
+            fm_loss, flat_loss = (sum(x) for x in zip(*self.fm_record, strict=True))
+            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss
+        self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
         if not self.started:
             if self.cfg.base_rate_start:
                 self.model.start_at_base_rate(base_rate(labels))
@@ -84,11 +100,10 @@ class StudentLearner:
             if t_sa is None:
                 with torch.no_grad():
                     t_sa = torch.sigmoid(adapter(batch.fm_logit))
-        # (3) one VM step
+        # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics)
         out = self.model(batch.sparse, batch.dense)
-        loss, vm_parts = student_loss(
-            out.s, out.d, out.d2, batch.label, batch.fm_logit, batch.fm_mask, t_sa, self.distill
-        )
+        mask = batch.fm_mask if self.fm_trusted else torch.zeros_like(batch.fm_mask)
+        loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, self.distill)
         self.vm_opt.zero_grad()
         loss.backward()
         if self.grad_sync is not None:
@@ -103,12 +118,18 @@ class StudentLearner:
             "sa_opt": self.sa_opt.state_dict() if self.sa_opt is not None else None,
             "started": self.started,
             "adapter_started": self.adapter_started,
+            "fm_trusted": self.fm_trusted,
+            "seen": self.seen,
+            "fm_record": self.fm_record,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.started = state.get("started", True)  # checkpoints older than `started` had trained
         self.adapter_started = state.get("adapter_started", True)
+        self.fm_trusted = state.get("fm_trusted", True)
+        self.seen = tuple(state.get("seen", (0, 0.0)))
+        self.fm_record = [tuple(x) for x in state.get("fm_record", [])]
         self.vm_opt.load_state_dict(state["vm_opt"])
         if self.sa_opt is not None:
             self.sa_opt.load_state_dict(state["sa_opt"])
@@ -118,3 +139,15 @@ class StudentLearner:
         """Serving-head probabilities; the adapter is not touched (frozen during evaluation)."""
         self.model.eval()
         return torch.sigmoid(self.model(batch.sparse, batch.dense).s)
+
+
+def fm_and_constant_loss(labels: torch.Tensor, fm_logit: torch.Tensor, rate: float) -> tuple[float, float]:
+    """Summed log loss of the FM's labels and of the constant `rate` (the tenant's rate so far) on
+    these rows. A teacher that loses to that constant carries no signal the labels lack, only its
+    errors; summed, not averaged, so windows pool by their rows as in the guard."""
+    y = labels.float()
+    fm = torch.nn.functional.binary_cross_entropy_with_logits(fm_logit.float(), y, reduction="sum")
+    flat = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.full_like(y, prior_logit(rate)), y, reduction="sum"
+    )
+    return float(fm), float(flat)

@@ -127,7 +127,7 @@ class TenantRun:
         for prefix, learner in learners.items():
             if learner is None:
                 continue
-            learner.start(
+            learner.begin_window(
                 rows.label, rows.fm_logit, rows.fm_mask
             )  # every rank sees the whole window: same prior everywhere
             p = torch.cat([learner.predict(b) for b in rows.batches(EVAL_BATCH, self.features, self.dense)])

@@ -42,6 +42,9 @@ def test_the_guard_serves_the_lowest_trailing_ne_and_says_why():
     assert decide([_rec(0, 1000, 100, 0.30, 0.31, 0.33)], 3).serve == "exfm"
     both_bad = [_rec(t, 1000, 100, 0.36, 0.35, 0.325) for t in range(3)]
     assert decide(both_bad, 3).serve == "base_rate"
+    # the constant must win clearly: by less than the margin, the better student keeps serving
+    near = [_rec(t, 1000, 100, 0.3265, 0.33, 0.325) for t in range(3)]
+    assert decide(near, 3).serve == "exfm"
     tie = [_rec(0, 1000, 100, 0.30, 0.30, 0.33)]
     assert decide(tie, 3).serve == "exfm"  # ties go to the ExFM student
     # only the trailing windows count: an old bad window is forgotten

@@ -1,5 +1,7 @@
 """Gradient flow of the ExFM losses: who learns from what (exfm-method.md sections 5-7)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -254,9 +256,9 @@ def test_adapter_starts_at_the_gap_between_labels_and_the_fm(world):
     for start in (True, False):
         distill = variant("kd_sa", sa_start=start, sa_start_prior=0.0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-        learner.start(y, f, torch.zeros_like(mask))  # no FM label yet: the adapter waits
+        learner.begin_window(y, f, torch.zeros_like(mask))  # no FM label yet: the adapter waits
         assert torch.equal(learner.model.adapter(f), f)
-        learner.start(y, f, mask)
+        learner.begin_window(y, f, mask)
         adapted = torch.sigmoid(learner.model.adapter(f)).mean().item()
         assert adapted == (pytest.approx(float(y.mean()), abs=0.005) if start else pytest.approx(0.731, abs=0.001))
         serving = torch.sigmoid(learner.model.serving_head.bias).item()
@@ -287,7 +289,7 @@ def test_adapter_start_is_shrunk_when_positives_are_few(world):
         y[:positives] = 1.0
         distill = variant("kd_sa", sa_start=True, sa_start_prior=20.0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-        learner.start(y, f, mask)
+        learner.begin_window(y, f, mask)
         offsets[positives] = float(learner.model.adapter(f)[0] - f[0])
     from exfm_ray.priors import base_rate, prior_logit
 
@@ -296,3 +298,32 @@ def test_adapter_start_is_shrunk_when_positives_are_few(world):
         y[:positives] = 1.0
         gap = prior_logit(base_rate(y)) - 1.0
         assert offset == pytest.approx(gap * positives / (positives + 20), rel=1e-4)
+
+
+def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_rate(world):
+    from exfm_ray.students.learner import fm_and_constant_loss
+
+    spec, rows = world
+    b = _batch(world)
+    y = b.label
+    wrong = torch.where(y > 0, -4.0, 4.0)  # confidently backwards: worse than any constant
+    rate = float(y.mean())
+    good, flat = fm_and_constant_loss(y, -wrong, rate)
+    bad, _ = fm_and_constant_loss(y, wrong, rate)
+    assert good < flat < bad
+    mask = torch.ones_like(y, dtype=torch.bool)
+    kd = {}
+    for gate in (True, False):
+        distill = variant("kd_sa" if gate else "kd_sa@fm_gate=false")
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, wrong, mask)
+        assert learner.fm_trusted is not gate
+        parts = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
+        kd[gate] = parts["kd"]
+        assert parts["adapter"] > 0  # the adapter learns either way
+        for _ in range(3):  # later windows where the FM is good: trusted again once they outweigh the bad one
+            learner.begin_window(y, -wrong, mask)
+        assert learner.fm_trusted
+    assert kd[True] == 0.0 and kd[False] > 0.0
+    assert not variant("kd_single_head").fm_gate and not variant("ah_sa").fm_gate  # the paper's variants: off
