@@ -94,6 +94,11 @@ class DistillConfig(Config):
         "Otherwise the student learns from labels alone, as on rows the FM could not label; the adapter keeps "
         "learning. On in the default variant kd_sa.",
     )
+    fm_gate_target: Literal["fm", "adapted"] = Field(
+        "fm",
+        description="What the FM gate judges: the FM's own label, or the adapted label (as the adapter stands before "
+        "the window) where there is an adapter.",
+    )
     mask_norm: Literal["mask", "batch"] = Field(
         "mask", description="Normalize masked distillation means by mask count or by batch size."
     )

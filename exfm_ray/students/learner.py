@@ -56,28 +56,34 @@ class StudentLearner:
         distillation only if they beat the window's constant base rate on its labels. All of this
         reads numbers the trainer has when it trains on the window (its labels), never the scores.
         """
-        if fm_mask is not None and bool(fm_mask.any()):
-            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
-            self.fm_record = [*self.fm_record, fm_and_constant_loss(labels[fm_mask], fm_logit[fm_mask], rate)]
-            self.fm_record = self.fm_record[-FM_GATE_WINDOWS:]
-            fm_loss, flat_loss = (sum(x) for x in zip(*self.fm_record, strict=True))
-            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss
-        self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
+        labeled = fm_mask is not None and bool(fm_mask.any())
         if not self.started:
             if self.cfg.base_rate_start:
                 self.model.start_at_base_rate(base_rate(labels))
             self.started = True
         adapter = self.model.adapter
-        if adapter is None or self.adapter_started or fm_mask is None or not bool(fm_mask.any()):
-            return
-        if self.distill.sa_start:
-            y = labels[fm_mask]
-            mean_fm = float(torch.sigmoid(fm_logit[fm_mask]).mean())
-            gap = prior_logit(base_rate(y)) - prior_logit(mean_fm)
-            # A rate from a handful of positives is noise: trust it in proportion to the evidence.
-            positives = float(y.sum())
-            adapter.start_at_offset(gap * positives / (positives + self.distill.sa_start_prior))
-        self.adapter_started = True
+        if adapter is not None and labeled and not self.adapter_started:
+            if self.distill.sa_start:
+                y = labels[fm_mask]
+                mean_fm = float(torch.sigmoid(fm_logit[fm_mask]).mean())
+                gap = prior_logit(base_rate(y)) - prior_logit(mean_fm)
+                # A rate from a handful of positives is noise: trust it in proportion to the evidence.
+                positives = float(y.sum())
+                adapter.start_at_offset(gap * positives / (positives + self.distill.sa_start_prior))
+            self.adapter_started = True
+        if labeled:
+            # The gate judges the label the student would distill: the adapted one where there is an
+            # adapter (as it stands before this window, so out of sample), else the FM's own.
+            target = fm_logit[fm_mask]
+            if adapter is not None and self.distill.fm_gate_target == "adapted":
+                with torch.no_grad():
+                    target = adapter(target)
+            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
+            self.fm_record = [*self.fm_record, fm_and_constant_loss(labels[fm_mask], target, rate)]
+            self.fm_record = self.fm_record[-FM_GATE_WINDOWS:]
+            fm_loss, flat_loss = (sum(x) for x in zip(*self.fm_record, strict=True))
+            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss
+        self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()

@@ -14,6 +14,7 @@ from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMRegistry
 from exfm_ray.pipeline.config import PipelineConfig
+from exfm_ray.students.guard import NE_KEY
 from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.registry import TenantRegistry
 from jobs.orchestrator import run_pipeline
@@ -77,6 +78,13 @@ def test_report_shows_the_fm_helping_the_students(first_run):
     saved = json.loads(Path(paths["json"]).read_text())
     overall = saved["all_tenants"]
     assert overall["ne_mean"] < overall["control_ne_mean"]  # ExFM column below the student-alone column
+    # the guard's served model, beside the ExFM student and the control, per tenant and overall
+    for name, s in [*saved["tenants"].items(), ("all", overall)]:
+        assert 0 < s["served_ne_mean"] < 2 and "transfer_ratio" in s, name
+        assert sum(s["served"].values()) > 0 and set(s["served"]) <= set(NE_KEY), name
+    for h in report["windows"].values():
+        for r in h:  # each window scores what the guard had published after the window before
+            assert r["served_ne"] == r[NE_KEY[r["served"]]] and r["guard_reason"], r
     text = Path(paths["markdown"]).read_text()
     assert "| all tenants |" in text and "FM calls" in text
     system = {r["window"]: r for r in saved["system"]}
