@@ -3,7 +3,6 @@ stream. Deterministic (fixed seeds, one thread), so a regression in models, loss
 protocol shows up as a failure, not as noise."""
 
 import pytest
-import torch
 
 from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.experiment.config import ExperimentConfig
@@ -11,14 +10,6 @@ from exfm_ray.experiment.report import summarize
 from exfm_ray.experiment.runner import run_experiment
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_fm_beats_vm_only_and_ah_sa_beats_vm_only_on_synthetic(one_thread):

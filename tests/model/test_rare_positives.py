@@ -4,7 +4,6 @@ model within 1% of the student alone. Deterministic (fixed seeds, one thread): a
 method's defaults shows up as a failure, not as noise."""
 
 import pytest
-import torch
 
 from exfm_ray.data.presets import preset
 from exfm_ray.experiment.config import ExperimentConfig
@@ -14,14 +13,6 @@ from exfm_ray.experiment.runner import run_experiment
 from exfm_ray.students.config import DEFAULT_VARIANT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(source: dict) -> tuple[dict, list[dict], ExperimentConfig]:
