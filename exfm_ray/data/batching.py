@@ -30,6 +30,8 @@ class Batch:
         tenant: [B] int64 index into the spec's tenant list.
         fm_logit: [B] float32 FM logit for the row's tenant head (0 where masked).
         fm_mask: [B] bool, True where the FM label may be used.
+        history: LoopFM input or None: ([B, keys, K, Dfm] the entities' past FM embeddings, oldest
+            first, zero-padded in front; [B, keys] how many of the K are real).
     """
 
     sparse: KeyedJaggedTensor
@@ -38,6 +40,7 @@ class Batch:
     tenant: torch.Tensor
     fm_logit: torch.Tensor
     fm_mask: torch.Tensor
+    history: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -78,11 +81,25 @@ class WindowTensors:
         else:
             self.fm_logit = torch.zeros(self.num_rows)
             self.fm_mask = torch.zeros(self.num_rows, dtype=torch.bool)
+        self.history: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_fm(self, fm_logit: torch.Tensor, fm_mask: torch.Tensor) -> None:
         assert fm_logit.shape == (self.num_rows,) and fm_mask.shape == (self.num_rows,)
         self.fm_logit = fm_logit.float()
         self.fm_mask = fm_mask.bool()
+
+    def set_history(self, hist: torch.Tensor, kept: torch.Tensor) -> None:
+        """LoopFM histories of these rows ([N, keys, K, D], [N, keys]); see Batch.history."""
+        assert hist.shape[0] == self.num_rows and kept.shape == hist.shape[:2]
+        self.history = (hist.float(), kept.long())
+
+    def first_ids(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's first id of feature `name` (its entity) and whether it has one."""
+        off = self.offsets[name].numpy()
+        present = off[1:] > off[:-1]
+        ids = np.zeros(self.num_rows, np.int64)
+        ids[present] = self.values[name].numpy()[off[:-1][present]]
+        return ids, present
 
     def batch(self, lo: int, hi: int, features: list[str], dense: list[str] | None = None) -> Batch:
         """Rows [lo, hi) with the given sparse features and dense columns (default: all dense)."""
@@ -99,6 +116,7 @@ class WindowTensors:
             self.tenant[lo:hi],
             self.fm_logit[lo:hi],
             self.fm_mask[lo:hi],
+            None if self.history is None else (self.history[0][lo:hi], self.history[1][lo:hi]),
         )
 
     def batches(self, batch_size: int, features: list[str], dense: list[str] | None = None) -> list[Batch]:

@@ -7,7 +7,7 @@ from pydantic import Field, field_validator
 from exfm_ray.configbase import Config
 from exfm_ray.data.sources import SourceConfig
 from exfm_ray.fm.config import FMConfig
-from exfm_ray.students.config import VARIANTS, StudentConfig, split_variant, variant
+from exfm_ray.students.config import BASE_VARIANTS, LOOPFM, VARIANTS, StudentConfig, split_variant, variant
 
 SWEEPS = ("delay", "fm_bias", "fm_size", "knobs")  # `exfm experiment --sweep`, see experiment/sweeps.py
 
@@ -28,7 +28,10 @@ class ExperimentConfig(Config):
     fm: FMConfig = Field(default_factory=FMConfig, description="Foundation model size and training.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student size and training.")
     knobs: KnobsConfig = Field(default_factory=KnobsConfig, description="Distillation knobs.")
-    variants: list[str] = Field(default_factory=lambda: list(VARIANTS), description="Variants to compare.")
+    variants: list[str] = Field(
+        default_factory=lambda: list(BASE_VARIANTS),
+        description="Variants to compare (the paper's five by default; 'loopfm' and '<variant>+loopfm' on request).",
+    )
     seeds: int = Field(3, ge=1, description="Number of seeds (model init and batch order); data is fixed.")
     fm_delay: int = Field(1, ge=0, description="FM delay: window t is labeled by the FM trained through t-delay.")
     warmup: int | None = Field(None, ge=0, description="Windows left out of averages; default fm_delay + 1.")
@@ -44,7 +47,7 @@ class ExperimentConfig(Config):
     @field_validator("variants")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = [x for x in v if split_variant(x)[0] not in VARIANTS]
+        unknown = [x for x in v if split_variant(x)[0].removesuffix(LOOPFM) not in (*VARIANTS, *BASE_VARIANTS)]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)} (knobs after '@')")
         for x in v:

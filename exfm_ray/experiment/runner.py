@@ -23,6 +23,7 @@ from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.guarded import CONTROL, base_rate_records, guarded_records
 from exfm_ray.fm.learner import FMLearner, head_logit
 from exfm_ray.fm.model import build_fm, count_parameters
+from exfm_ray.loopfm.replay import attach_histories
 from exfm_ray.metrics import evaluate
 from exfm_ray.students.config import DEFAULT_VARIANT, variant
 from exfm_ray.students.learner import StudentLearner
@@ -52,8 +53,14 @@ def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress
     full = [WindowTensors(w, spec) for w in stream.windows]
     parts = [_split_by_tenant(stream, t, full[t]) for t in range(spec.num_windows)]
     records: list[dict] = []
+    loop = any(variant(v).loopfm for v in cfg.variants)
     for seed in range(cfg.seeds):
-        fm_logits = _fm_labels(cfg, stream, full, seed, progress)
+        fm_logits, hidden = _fm_labels(cfg, stream, full, seed, progress, keep_hidden=loop)
+        fm_dim = 0
+        if loop:
+            by_window = [[p.rows for p in by.values()] for by in parts]
+            attach_histories(cfg.student.loopfm, full, by_window, hidden)
+            fm_dim = next(h.shape[1] for h in hidden if h is not None)
         for t, by_tenant in enumerate(parts):
             for name, part in by_tenant.items():
                 i = spec.tenant_names.index(name)
@@ -66,7 +73,7 @@ def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress
                 records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
         for name in spec.tenant_names:
             for v in cfg.variants:
-                records += _run_student(cfg, stream, parts, seed, v, name, progress)
+                records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim)
     return records + _guard_records(cfg, parts, records)
 
 
@@ -94,20 +101,28 @@ def _split_by_tenant(stream: Stream, t: int, full: WindowTensors) -> dict[str, T
 
 
 def _fm_labels(
-    cfg: ExperimentConfig, stream: Stream, full: list[WindowTensors], seed: int, progress: Progress | None
-) -> list[torch.Tensor | None]:
-    """FM logits [N, H] per window, from the FM trained through window t - delay (None: no FM yet)."""
+    cfg: ExperimentConfig,
+    stream: Stream,
+    full: list[WindowTensors],
+    seed: int,
+    progress: Progress | None,
+    keep_hidden: bool = False,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """FM logits [N, H] per window, from the FM trained through window t - delay (None: no FM yet),
+    and (with `keep_hidden`) its embeddings [N, Dh] of those rows, what LoopFM stores."""
     torch.manual_seed(seed)
     learner = FMLearner(build_fm(stream.spec, cfg.fm), cfg.fm, seed=seed)
     labels: list[torch.Tensor | None] = [None] * len(full)
+    hidden: list[torch.Tensor | None] = [None] * len(full)
     for k, rows in enumerate(full):
         learner.train_window(rows)
         target = k + cfg.fm_delay
         if target < len(full):
-            labels[target] = learner.predict(full[target])[0]
+            labels[target], h = learner.predict(full[target])
+            hidden[target] = h if keep_hidden else None
         if progress:
             progress(1, f"seed {seed} fm window {k} ({count_parameters(learner.model):,} params)")
-    return labels
+    return labels, hidden
 
 
 def _run_student(
@@ -118,12 +133,13 @@ def _run_student(
     variant_name: str,
     tenant: str,
     progress: Progress | None,
+    fm_dim: int = 0,
 ) -> list[dict]:
     spec = stream.spec
     distill = variant(variant_name, **cfg.knobs.model_dump())
     # Same init for every variant of a seed: the training-only heads are built after the shared parts.
     torch.manual_seed(seed * 1000 + spec.tenant_names.index(tenant))
-    learner = StudentLearner(build_student(spec, tenant, cfg.student, distill), cfg.student, distill)
+    learner = StudentLearner(build_student(spec, tenant, cfg.student, distill, fm_dim), cfg.student, distill)
     features, dense = learner.model.feature_names, spec.tenant(tenant).dense
     out = []
     for t, by_tenant in enumerate(parts):

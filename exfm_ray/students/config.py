@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
+from exfm_ray.loopfm.features import LoopFMConfig
 
 # Each named variant is a switch setting of DistillConfig; knobs (w, beta, alpha, ...) come on top.
 BASE_VARIANTS: dict[str, dict] = {
@@ -16,7 +18,8 @@ BASE_VARIANTS: dict[str, dict] = {
     "ah": {"mode": "aux_head", "adapter": False},
     "ah_sa": {"mode": "aux_head", "adapter": True},
 }
-VARIANTS = tuple(BASE_VARIANTS)
+LOOPFM = "+loopfm"  # '<variant>+loopfm': that variant, reading LoopFM histories; 'loopfm' alone: vm_only's
+VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
 # serving head distills the Student Adapter's label (the FM mapped onto fresh labels), and only
 # while the FM beats the base rate (fm_gate). Why not ah_sa: docs/results.md, "Rare positives and
@@ -34,6 +37,10 @@ class StudentConfig(Config):
     batch_size: int = Field(128, gt=0, description="Training batch size.")
     base_rate_start: bool = Field(
         True, description="Every head's bias starts at the first window's positive rate (False: PyTorch's init)."
+    )
+    loopfm: LoopFMConfig = Field(
+        default_factory=LoopFMConfig,
+        description="The FM histories a LoopFM variant reads (entity keys, K, pooling); unused by other variants.",
     )
 
     @property
@@ -94,10 +101,30 @@ class DistillConfig(Config):
         "Otherwise the student learns from labels alone, as on rows the FM could not label; the adapter keeps "
         "learning. On in the default variant kd_sa.",
     )
-    fm_gate_target: Literal["fm", "adapted"] = Field(
+    fm_calibrate: bool | Literal["fallback"] = Field(
+        False,
+        description="Distill the FM's labels recalibrated: a * logit + b, a Platt fit on the labels of this window "
+        "and the 2 before (labels the trainer has), shrunk towards the identity by fm_calibrate_prior. "
+        "'fallback': only in windows where the FM as it is loses to the constant (the gate's judgement).",
+    )
+    fm_calibrate_prior: float = Field(
+        5.0, ge=0, description="Nats per unit pulling the Platt fit (a, b) towards the FM as it is (1, 0)."
+    )
+    fm_gate_positives: float = Field(
+        math.inf,
+        ge=0,
+        description="The gate pools the newest windows that together hold this many positives (up to 8 windows); "
+        "inf: always this window and the 2 before it.",
+    )
+    fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",
-        description="What the FM gate judges: the FM's own label, or the adapted label (as the adapter stands before "
-        "the window) where there is an adapter.",
+        description="What the FM gate judges: the FM's own label, the adapted label (as the adapter stands before "
+        "the window) where there is an adapter, or the FM's label after the best Platt recalibration (its ranking).",
+    )
+    loopfm: bool = Field(
+        False,
+        description="The student reads the FM's past embeddings of the row's entities as input features (LoopFM), "
+        "from the representation store as of the window before. Variants 'loopfm' and '<variant>+loopfm'.",
     )
     mask_norm: Literal["mask", "batch"] = Field(
         "mask", description="Normalize masked distillation means by mask count or by batch size."
@@ -130,6 +157,10 @@ def variant(name: str, **knobs: float | str) -> DistillConfig:
 
     `name` may carry its own knobs after '@' ('ah_sa@w=2,beta=0.5'); they override `knobs`."""
     name, own = split_variant(name)
+    loop = name == "loopfm" or name.endswith(LOOPFM)
+    name = "vm_only" if name == "loopfm" else name.removesuffix(LOOPFM)
+    if loop:
+        own = {**own, "loopfm": True}
     if name not in BASE_VARIANTS:
         from exfm_ray.errors import ConfigError
 

@@ -3,6 +3,8 @@ student loop, reused by the Ray Train workers."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -10,6 +12,7 @@ import torch
 from exfm_ray.data.batching import Batch
 from exfm_ray.optim import SplitOptimizer
 from exfm_ray.priors import base_rate, prior_logit
+from exfm_ray.students.calibration import PLATT_PENALTY, platt_fit
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import adapter_loss, student_loss
 from exfm_ray.students.model import Student
@@ -19,6 +22,8 @@ GradSync = Callable[[list[torch.nn.Parameter]], None]
 # small tenant holds a handful of positives, too few to judge the FM alone (frappe-rare: a
 # per-window gate lost 0.2% NE by distrusting a good FM on noise).
 FM_GATE_WINDOWS = 3
+# ... or, with fm_gate_positives, as many of the newest windows as hold that many positives, up to this
+FM_GATE_MAX_WINDOWS = 8
 
 
 class StudentLearner:
@@ -43,7 +48,11 @@ class StudentLearner:
         self.adapter_started = False
         self.fm_trusted = True
         self.seen = (0, 0.0)  # rows and positives of the windows begun so far: the constant the FM must beat
-        self.fm_record: list[tuple[float, float]] = []  # per window: summed log loss of the FM, of that constant
+        # the FM's labels recalibrated (fm_calibrate): logit -> a * logit + b, fitted on fm_rows
+        self.fm_affine = (1.0, 0.0)
+        self.fm_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: labels, FM logits
+        # per window: summed log loss of the FM, of that constant; positives
+        self.fm_record: list[tuple[float, float, float]] = []
 
     def begin_window(
         self, labels: torch.Tensor, fm_logit: torch.Tensor | None = None, fm_mask: torch.Tensor | None = None
@@ -79,9 +88,23 @@ class StudentLearner:
                 with torch.no_grad():
                     target = adapter(target)
             rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
-            self.fm_record = [*self.fm_record, fm_and_constant_loss(labels[fm_mask], target, rate)]
-            self.fm_record = self.fm_record[-FM_GATE_WINDOWS:]
-            fm_loss, flat_loss = (sum(x) for x in zip(*self.fm_record, strict=True))
+            positives = float(labels[fm_mask].sum())
+            self.fm_record = [*self.fm_record, (*fm_and_constant_loss(labels[fm_mask], target, rate), positives)]
+            self.fm_record = self.fm_record[-FM_GATE_MAX_WINDOWS:]
+            fm_loss, flat_loss = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+            calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
+            if calibrated:
+                self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
+                y, f = (torch.cat(x) for x in zip(*self.fm_rows, strict=True))
+                a, b = platt_fit(y, f, self.distill.fm_calibrate_prior)
+                raw_wins = fm_loss < flat_loss
+                if self.distill.fm_calibrate == "fallback":
+                    # the FM as it is where it beats the constant; recalibrated where it loses
+                    self.fm_affine = (1.0, 0.0) if raw_wins else (a, b)
+                elif self.distill.fm_calibrate:
+                    self.fm_affine = (a, b)
+                if self.distill.fm_gate_target == "calibrated" and not raw_wins:
+                    fm_loss = fm_and_constant_loss(y, f * a + b, 0.5)[0] + PLATT_PENALTY
             self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss
         self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
 
@@ -90,6 +113,8 @@ class StudentLearner:
         t_sa = None
         parts: dict[str, float] = {}
         adapter = self.model.adapter
+        if self.fm_affine != (1.0, 0.0):
+            batch = dataclasses.replace(batch, fm_logit=batch.fm_logit * self.fm_affine[0] + self.fm_affine[1])
         if adapter is not None and self.sa_opt is not None:
             if self.distill.sa_order == "after":
                 with torch.no_grad():
@@ -107,7 +132,7 @@ class StudentLearner:
                 with torch.no_grad():
                     t_sa = torch.sigmoid(adapter(batch.fm_logit))
         # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics)
-        out = self.model(batch.sparse, batch.dense)
+        out = self.model(batch.sparse, batch.dense, batch.history)
         mask = batch.fm_mask if self.fm_trusted else torch.zeros_like(batch.fm_mask)
         loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, self.distill)
         self.vm_opt.zero_grad()
@@ -127,6 +152,8 @@ class StudentLearner:
             "fm_trusted": self.fm_trusted,
             "seen": self.seen,
             "fm_record": self.fm_record,
+            "fm_affine": self.fm_affine,
+            "fm_rows": self.fm_rows,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,7 +162,10 @@ class StudentLearner:
         self.adapter_started = state.get("adapter_started", True)
         self.fm_trusted = state.get("fm_trusted", True)
         self.seen = tuple(state.get("seen", (0, 0.0)))
-        self.fm_record = [tuple(x) for x in state.get("fm_record", [])]
+        # records before the positives were counted: 3 windows' worth, as the gate pooled then
+        self.fm_record = [(*x, math.inf) if len(x) == 2 else tuple(x) for x in state.get("fm_record", [])]
+        self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
+        self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.vm_opt.load_state_dict(state["vm_opt"])
         if self.sa_opt is not None:
             self.sa_opt.load_state_dict(state["sa_opt"])
@@ -144,7 +174,21 @@ class StudentLearner:
     def predict(self, batch: Batch) -> torch.Tensor:
         """Serving-head probabilities; the adapter is not touched (frozen during evaluation)."""
         self.model.eval()
-        return torch.sigmoid(self.model(batch.sparse, batch.dense).s)
+        return torch.sigmoid(self.model(batch.sparse, batch.dense, batch.history).s)
+
+
+def pooled_evidence(record: list[tuple[float, float, float]], positives: float) -> tuple[float, float]:
+    """Summed FM and constant log loss over the newest windows that together hold `positives`
+    positives (all of them if fewer): as fresh as the evidence allows, since the FM changes every
+    window, and never judged on a handful of positives."""
+    if math.isinf(positives):
+        record = record[-FM_GATE_WINDOWS:]
+    fm = flat = count = 0.0
+    for fm_w, flat_w, pos_w in reversed(record):
+        fm, flat, count = fm + fm_w, flat + flat_w, count + pos_w
+        if count >= positives:
+            break
+    return fm, flat
 
 
 def fm_and_constant_loss(labels: torch.Tensor, fm_logit: torch.Tensor, rate: float) -> tuple[float, float]:

@@ -1,8 +1,9 @@
 """Student (vertical model): small EBC over the tenant's features + MLP backbone + serving head,
 plus training-only parts: auxiliary head(s) for the FM target and the Student Adapter.
 
-Only `ebc`, `dense_proj`, `backbone` and `serving_head` make the serving path (`ServingStudent`);
-the aux heads and the adapter never leave training.
+Only `ebc`, `dense_proj`, `backbone`, `serving_head` (and the LoopFM tower `loop`, when the variant
+reads FM histories) make the serving path (`ServingStudent`); the aux heads and the adapter never
+leave training.
 Shape letters: B batch, F tenant features, D embedding dim, Z backbone output width.
 """
 
@@ -17,10 +18,14 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.mlp import MLP
 
 from exfm_ray.fm.model import pairwise_dots
+from exfm_ray.loopfm.features import LoopTower
 from exfm_ray.priors import prior_logit
 from exfm_ray.schema import StreamSpec
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import grad_scale
+
+# LoopFM input: ([B, keys, K, Dfm] histories, [B, keys] real events in them), or None
+History = tuple[torch.Tensor, torch.Tensor] | None
 
 
 class StudentAdapter(nn.Module):
@@ -51,19 +56,27 @@ class StudentAdapter(nn.Module):
 class ServingStudent(nn.Module):
     """The exported serving model: features -> probability. No aux head, no adapter, no FM."""
 
-    def __init__(self, ebc: EmbeddingBagCollection, dense_proj: nn.Module, backbone: nn.Module, head: nn.Module):
+    def __init__(
+        self,
+        ebc: EmbeddingBagCollection,
+        dense_proj: nn.Module,
+        backbone: nn.Module,
+        head: nn.Module,
+        loop: LoopTower | None = None,
+    ):
         super().__init__()
         self.ebc = ebc
         self.dense_proj = dense_proj
         self.backbone = backbone
         self.serving_head = head
+        self.loop = loop
         self.feature_names = [n for c in ebc.embedding_bag_configs() for n in c.feature_names]
 
-    def logit(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.serving_head(_backbone(self, sparse, dense)).squeeze(1)
+    def logit(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> torch.Tensor:
+        return self.serving_head(_backbone(self, sparse, dense, history)).squeeze(1)
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(sparse, dense))
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> torch.Tensor:
+        return torch.sigmoid(self.logit(sparse, dense, history))
 
 
 @dataclass
@@ -95,12 +108,13 @@ class Student(nn.Module):
         num_dense: int,
         cfg: StudentConfig,
         distill: DistillConfig,
+        fm_dim: int = 0,
     ):
         super().__init__()
         self.feature_names = list(features)
         self.num_dense = num_dense
-        self.ebc, self.dense_proj, self.backbone, self.serving_head = serving_parts(
-            features, cardinalities, multi_valued, num_dense, cfg
+        self.ebc, self.dense_proj, self.backbone, self.serving_head, self.loop = serving_parts(
+            features, cardinalities, multi_valued, num_dense, cfg, fm_dim if distill.loopfm else 0
         )
         z = cfg.hidden[-1]
         self.distill = distill
@@ -109,8 +123,8 @@ class Student(nn.Module):
         self.aux_sa = nn.Linear(z, 1) if separate else None
         self.adapter = StudentAdapter(distill.sa_hidden, distill.sa_input == "logit") if distill.adapter else None
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> StudentOutput:
-        z = _backbone(self, sparse, dense)  # [B, Z]
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> StudentOutput:
+        z = _backbone(self, sparse, dense, history)  # [B, Z]
         s = self.serving_head(z).squeeze(1)
         d = d2 = None
         if self.aux_fm is not None:
@@ -136,7 +150,7 @@ class Student(nn.Module):
 
     def serving_model(self) -> ServingStudent:
         """The serving path only, sharing weights with this student."""
-        return ServingStudent(self.ebc, self.dense_proj, self.backbone, self.serving_head)
+        return ServingStudent(self.ebc, self.dense_proj, self.backbone, self.serving_head, self.loop)
 
     def training_only_parameters(self) -> list[nn.Parameter]:
         parts = [m for m in (self.aux_fm, self.aux_sa) if m is not None]
@@ -156,9 +170,15 @@ def constant_serving(student: Student, rate: float) -> ServingStudent:
 
 
 def serving_parts(
-    features: list[str], cardinalities: dict[str, int], multi_valued: set[str], num_dense: int, cfg: StudentConfig
-) -> tuple[EmbeddingBagCollection, nn.Linear, MLP, nn.Linear]:
-    """The modules of the serving path, shared by Student (training) and ServingStudent (export)."""
+    features: list[str],
+    cardinalities: dict[str, int],
+    multi_valued: set[str],
+    num_dense: int,
+    cfg: StudentConfig,
+    fm_dim: int = 0,
+) -> tuple[EmbeddingBagCollection, nn.Linear, MLP, nn.Linear, LoopTower | None]:
+    """The modules of the serving path, shared by Student (training) and ServingStudent (export).
+    `fm_dim` > 0: the student reads LoopFM histories of that embedding size (cfg.loopfm)."""
     d = cfg.embedding_dim
     tables = [
         EmbeddingBagConfig(
@@ -170,24 +190,42 @@ def serving_parts(
         )
         for f in features
     ]
-    num_vectors = len(features) + 1
-    # Creation order fixes the random init: keep ebc, dense_proj, backbone, head.
+    loop_keys = len(cfg.loopfm.store.keys) if fm_dim else 0
+    num_vectors = len(features) + 1 + loop_keys
+    # Creation order fixes the random init: keep ebc, dense_proj, backbone, head (the tower last).
     ebc = EmbeddingBagCollection(tables=tables)
     dense_proj = nn.Linear(max(num_dense, 1), d)
     backbone = MLP(num_vectors * d + num_vectors * (num_vectors - 1) // 2, cfg.hidden)
-    return ebc, dense_proj, backbone, nn.Linear(cfg.hidden[-1], 1)
+    head = nn.Linear(cfg.hidden[-1], 1)
+    loop = LoopTower(loop_keys, fm_dim, d, cfg.loopfm.pooling) if fm_dim else None
+    return ebc, dense_proj, backbone, head, loop
 
 
-def _backbone(m: Student | ServingStudent, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+def _backbone(
+    m: Student | ServingStudent, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None
+) -> torch.Tensor:
     pooled = m.ebc(sparse)
     if dense.shape[1] == 0:
         dense = torch.zeros(dense.shape[0], 1, device=dense.device)
-    vectors = torch.stack([*(pooled[n] for n in m.feature_names), m.dense_proj(dense)], dim=1)  # [B, F+1, D]
-    return m.backbone(torch.cat([vectors.flatten(1), pairwise_dots(vectors)], dim=1))
+    vectors = [*(pooled[n] for n in m.feature_names), m.dense_proj(dense)]
+    stacked = torch.stack(vectors, dim=1)  # [B, F+1, D]
+    if m.loop is not None:
+        if history is None:  # no store at hand: every entity reads as unseen
+            b, keys, fm_dim = dense.shape[0], len(m.loop.proj), m.loop.proj[0].in_features
+            history = (torch.zeros(b, keys, 1, fm_dim), torch.zeros(b, keys, dtype=torch.long))
+        stacked = torch.cat([stacked, m.loop(*history)], dim=1)  # [B, F+1+keys, D]
+    return m.backbone(torch.cat([stacked.flatten(1), pairwise_dots(stacked)], dim=1))
 
 
-def build_student(spec: StreamSpec, tenant: str, cfg: StudentConfig, distill: DistillConfig) -> Student:
+def build_student(
+    spec: StreamSpec, tenant: str, cfg: StudentConfig, distill: DistillConfig, fm_dim: int = 0
+) -> Student:
+    """`fm_dim`: the FM embedding size, needed by variants that read LoopFM histories."""
     t = spec.tenant(tenant)
     cards = {f.name: f.cardinality for f in spec.sparse}
     multi = {f.name for f in spec.sparse if f.multi_valued}
-    return Student(t.features, cards, multi, len(t.dense), cfg, distill)
+    if distill.loopfm and fm_dim <= 0:
+        from exfm_ray.errors import ConfigError
+
+        raise ConfigError(f"tenant {tenant!r}: a LoopFM variant needs the FM embedding size (fm_dim)")
+    return Student(t.features, cards, multi, len(t.dense), cfg, distill, fm_dim)

@@ -50,9 +50,9 @@ def _flip_labels(stream: Stream, t: int) -> Stream:
 def test_fm_labels_of_a_window_never_see_that_window(stream, delay):
     cfg = tiny_cfg(fm_delay=delay)
     full = [WindowTensors(w, stream.spec) for w in stream.windows]
-    a = _fm_labels(cfg, stream, full, seed=0, progress=None)
+    a = _fm_labels(cfg, stream, full, seed=0, progress=None)[0]
     flipped = _flip_labels(stream, 2)
-    b = _fm_labels(cfg, flipped, [WindowTensors(w, stream.spec) for w in flipped.windows], seed=0, progress=None)
+    b = _fm_labels(cfg, flipped, [WindowTensors(w, stream.spec) for w in flipped.windows], seed=0, progress=None)[0]
     assert all(x is None for x in a[:delay])  # nothing trained yet: masked
     for t in range(delay, 3):
         assert torch.equal(a[t], b[t]), f"window {t} labels changed when window 2's labels changed"

@@ -327,3 +327,53 @@ def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_ra
         assert learner.fm_trusted
     assert kd[True] == 0.0 and kd[False] > 0.0
     assert not variant("kd_single_head").fm_gate and not variant("ah_sa").fm_gate  # the paper's variants: off
+
+
+def test_platt_fit_recovers_a_known_recalibration_and_shrinks_a_thin_one():
+    from exfm_ray.students.calibration import platt_fit
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(20000, generator=g) * 2 - 3
+    y = (torch.rand(20000, generator=g) < torch.sigmoid(0.5 * f + 0.8)).float()
+    a, b = platt_fit(y, f)
+    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(0.8, abs=0.1)
+    thin = torch.zeros(300)
+    thin[int(torch.argmax(f[:300]))] = 1.0  # one positive, ranked first: nearly separable
+    loose, shrunk = platt_fit(thin, f[:300]), platt_fit(thin, f[:300], prior=5.0)
+    assert abs(shrunk[0] - 1) + abs(shrunk[1]) < abs(loose[0] - 1) + abs(loose[1])
+
+
+def test_fallback_calibration_trusts_a_ranking_fm_that_loses_only_by_its_calibration(world):
+    spec, _ = world
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(4000, generator=g) * 2 - 3
+    y = (torch.rand(4000, generator=g) < torch.sigmoid(0.4 * f - 1.5)).float()
+    overconfident = 3 * f + 4  # same ranking, far off in calibration: loses to the constant
+    mask = torch.ones_like(y, dtype=torch.bool)
+    seen = {}
+    for name in ("kd_sa", "kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback"):
+        distill = variant(name)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, overconfident, mask)
+        seen[name] = (learner.fm_trusted, learner.fm_affine)
+    assert seen["kd_sa"] == (False, (1.0, 0.0))
+    trusted, (a, b) = seen["kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback"]
+    assert trusted and a == pytest.approx(0.4 / 3, abs=0.05)
+    # ... and where the FM as it is beats the constant, it is distilled as it is
+    distill = variant("kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback")
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    learner.begin_window(y, 0.4 * f - 1.5, mask)
+    assert learner.fm_trusted and learner.fm_affine == (1.0, 0.0)
+
+
+def test_gate_evidence_is_the_newest_windows_holding_enough_positives():
+    import math
+
+    from exfm_ray.students.learner import pooled_evidence
+
+    record = [(10.0, 1.0, 40.0), (1.0, 2.0, 5.0), (1.0, 2.0, 30.0)]  # (fm loss, constant loss, positives)
+    assert pooled_evidence(record, 30) == (1.0, 2.0)  # the newest window alone holds 30
+    assert pooled_evidence(record, 35) == (2.0, 4.0)
+    assert pooled_evidence(record, 60) == (12.0, 5.0)  # reaches back to the bad old window
+    assert pooled_evidence(record, 1000) == (12.0, 5.0)  # fewer positives than asked: all of it
+    assert pooled_evidence([(0.0, 0.0, 1.0)] * 5 + record, math.inf) == (12.0, 5.0)  # inf: the last 3

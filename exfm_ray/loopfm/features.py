@@ -1,0 +1,74 @@
+"""LoopFM features: a student's view of the FM's past embeddings of the row's entities.
+
+The store hands each row, per key, the entity's last K FM embeddings (oldest first, zero-padded)
+and how many of them are real. The tower pools them (mean, last, sum, or attention over the K with
+a learned query), projects each key's vector to the student's embedding size, and puts a learned
+"no history" vector where the entity has none. The result joins the student's feature vectors
+(one slot per key), so the interaction layer crosses it with the student's own features.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from exfm_ray.configbase import Config
+from exfm_ray.loopfm.store import StoreConfig, StoreView
+
+Pooling = Literal["mean", "last", "sum", "attention"]
+
+
+class LoopFMConfig(Config):
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Which entities, how much history, how big.")
+    pooling: Pooling = Field("mean", description="How a key's K embeddings become one vector.")
+
+
+class LoopTower(nn.Module):
+    """[B, keys, K, D] histories and [B, keys] counts -> [B, keys, d] feature vectors."""
+
+    def __init__(self, keys: int, fm_dim: int, dim: int, pooling: Pooling):
+        super().__init__()
+        self.pooling = pooling
+        self.proj = nn.ModuleList(nn.Linear(fm_dim, dim) for _ in range(keys))
+        self.missing = nn.Parameter(torch.zeros(keys, dim))
+        self.query = nn.Parameter(torch.zeros(keys, fm_dim)) if pooling == "attention" else None
+
+    def forward(self, hist: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        k = hist.shape[2]
+        # real events sit at the end of the K slots (oldest first, padding in front)
+        real = torch.arange(k, device=hist.device).view(1, 1, k) >= (k - kept).unsqueeze(2)  # [B, keys, K]
+        pooled = pool(hist, real, self.pooling, self.query)
+        vectors = torch.stack([proj(pooled[:, i]) for i, proj in enumerate(self.proj)], dim=1)
+        has = (kept > 0).unsqueeze(2)
+        return torch.where(has, vectors, self.missing.unsqueeze(0).expand_as(vectors))
+
+
+def pool(hist: torch.Tensor, real: torch.Tensor, pooling: Pooling, query: torch.Tensor | None) -> torch.Tensor:
+    w = real.to(hist.dtype)
+    if pooling == "last":
+        return hist[:, :, -1]
+    if pooling == "sum":
+        return (hist * w.unsqueeze(3)).sum(2)
+    if pooling == "mean":
+        return (hist * w.unsqueeze(3)).sum(2) / w.sum(2, keepdim=True).clamp(min=1)
+    scores = torch.einsum("bnkd,nd->bnk", hist, query).masked_fill(~real, -1e9)
+    att = torch.softmax(scores, dim=2) * w  # no history: all weights 0 (the missing vector replaces it)
+    return (hist * att.unsqueeze(3)).sum(2)
+
+
+def history_columns(
+    view: StoreView, keys: list[str], entities: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' histories from one store version: ([N, keys, K, D] float32, [N, keys] counts).
+    `entities[key]`: (first ids, has an id); a row without an id reads as an unseen entity."""
+    hists, counts = [], []
+    for key in keys:
+        ids, present = entities[key]
+        hist, kept = view.history(key, ids)
+        hists.append(hist)
+        counts.append(np.where(present, kept, 0))
+    return np.stack(hists, 1), np.stack(counts, 1)
