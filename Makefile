@@ -32,7 +32,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not ray and not slow" -q
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,8 +21,9 @@ def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True)
     stream = load_stream(cfg.source)
     spec = stream.spec
     total = count_steps(cfg, spec.num_windows, len(spec.tenants))
+    stats: dict = {}
     with _bar(total, "experiment", show_progress) as progress:
-        records = run_experiment(cfg, stream, progress)
+        records = run_experiment(cfg, stream, progress, stats)
     results = {
         "dataset": spec.name,
         "description": spec.description,
@@ -36,6 +37,7 @@ def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True)
         "leaky": cfg.leaky,
         "config": cfg.model_dump(mode="json"),
         **summarize(records, cfg.warmup_windows),
+        **stats,
         "records": records,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -180,6 +180,14 @@ def markdown(results: dict) -> str:
             f"vm_only over any {guard['trailing_windows_compared']} consecutive windows "
             f"{_f(guard['worst_excess_vs_control_pct'], '+.2f')}%.",
         ]
+    for store in results.get("loopfm_store", [])[:1]:
+        entities = sum(store["entities"].values())
+        lines += [
+            "",
+            f"LoopFM store (seed {store['seed']}, after window {store['window']}): {entities:,} entities "
+            f"({', '.join(f'{k} {n:,}' for k, n in store['entities'].items())}), {store['bytes'] / 2**20:.2f} MiB, "
+            f"{store['bytes'] / max(entities, 1):.0f} bytes per entity.",
+        ]
     if results.get("leaky"):
         lines += ["", "**FM delay 0 is a leaky oracle (the FM was trained on the window it labels): diagnostic only.**"]
     return "\n".join(lines) + "\n"

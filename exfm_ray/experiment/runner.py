@@ -40,10 +40,13 @@ class TenantWindow:
     index: torch.Tensor  # [n] positions in the full window
 
 
-def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress: Progress | None = None) -> list[dict]:
+def run_experiment(
+    cfg: ExperimentConfig, stream: Stream | None = None, progress: Progress | None = None, stats: dict | None = None
+) -> list[dict]:
     """Run every seed and variant; returns one record per (seed, variant, tenant, window).
 
     `progress(steps, label)` is called as work completes; total steps = `count_steps(cfg, stream)`.
+    `stats`, if given, receives what is not a record: the LoopFM store's size per seed.
     """
     stream = stream or load_stream(cfg.source)
     spec = stream.spec
@@ -59,7 +62,10 @@ def run_experiment(cfg: ExperimentConfig, stream: Stream | None = None, progress
         fm_dim = 0
         if loop:
             by_window = [[p.rows for p in by.values()] for by in parts]
-            attach_histories(cfg.student.loopfm, full, by_window, hidden)
+            manifest = attach_histories(cfg.student.loopfm, full, by_window, hidden)
+            if stats is not None:
+                last = manifest[max(manifest, key=int)]
+                stats.setdefault("loopfm_store", []).append({"seed": seed, **last})
             fm_dim = next(h.shape[1] for h in hidden if h is not None)
         for t, by_tenant in enumerate(parts):
             for name, part in by_tenant.items():

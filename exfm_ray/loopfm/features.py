@@ -34,6 +34,12 @@ class LoopTower(nn.Module):
         super().__init__()
         self.pooling = pooling
         self.proj = nn.ModuleList(nn.Linear(fm_dim, dim) for _ in range(keys))
+        # Zero start: the new slot reads 0 for every row, so a LoopFM student starts where the
+        # student without it does and the histories enter as they earn their gradient (a random
+        # projection put noise into every row's interactions: MovieLens, worst window +6% NE).
+        for proj in self.proj:
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
         self.missing = nn.Parameter(torch.zeros(keys, dim))
         self.query = nn.Parameter(torch.zeros(keys, fm_dim)) if pooling == "attention" else None
 

@@ -51,7 +51,10 @@ def test_loopfm_variants_run_and_differ_from_the_student_alone():
     cfg = ExperimentConfig.parse(
         {"source": {"dataset": "synthetic", "synthetic": TINY}, "seeds": 1, "variants": ["vm_only", "kd_sa+loopfm"]}
     )
-    recs = run_experiment(cfg)
+    stats: dict = {}
+    recs = run_experiment(cfg, stats=stats)
     ne = {v: [r["ne"] for r in recs if r["variant"] == v] for v in cfg.variants}
     assert all(np.isfinite(ne["kd_sa+loopfm"]))
     assert ne["kd_sa+loopfm"] != ne["vm_only"]
+    [store] = stats["loopfm_store"]  # one seed: the store's size as of its last window
+    assert store["window"] == 3 and 0 < store["entities"]["user_id"] <= TINY["num_users"] and store["bytes"] > 0
