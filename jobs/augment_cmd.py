@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from exfm_ray.das.pipeline import AugmentConfig, augment_windows, summary_line
+    from exfm_ray.das.pipeline import AugmentConfig, augment_windows
+    from exfm_ray.das.window_log import summary_line
     from jobs.cluster import connect
 
     windows = parse_windows(args.windows)

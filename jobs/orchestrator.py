@@ -21,7 +21,8 @@ from actors.fm_group import FMGroupConfig
 from actors.launch import find_fm_group, start_fm_group, start_tenant_manager, stop_fm_group, train_fm_task
 from actors.tenant_manager import TenantManagerConfig
 from exfm_ray.bench.http_load import Connection, post_request, sequential
-from exfm_ray.das.pipeline import AugmentConfig, Augmenter, summary_line
+from exfm_ray.das.pipeline import AugmentConfig, Augmenter
+from exfm_ray.das.window_log import summary_line
 from exfm_ray.data.sources import load_stream
 from exfm_ray.data.stream import SPEC_FILE, read_spec
 from exfm_ray.errors import ExfmError

@@ -37,6 +37,7 @@ from exfm_ray.configbase import Config
 from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_columns, label_table
 from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
 from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
+from exfm_ray.das.window_log import record_metrics
 from exfm_ray.data.stream import read_spec, window_dir
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
@@ -221,7 +222,7 @@ class Augmenter:
         mark = time.perf_counter()
         record = job.record(since=self._last_commit)  # a window's time starts at the previous commit
         self.store.commit(job.t, job.staged.parent, record, self.spec)
-        _record_metrics(record)
+        record_metrics(record)
         self._fm_labels_path(job.t).unlink(missing_ok=True)
         self._last_commit = time.perf_counter()
         self._phase("commit", mark)
@@ -383,23 +384,6 @@ def _events_of(events: pa.Table, rows: pa.Table) -> pa.Table:
     return events.filter(pc.is_in(events.column("example_id"), value_set=rows.column("example_id").combine_chunks()))
 
 
-def _record_metrics(rec: WindowRecord) -> None:
-    from exfm_ray.observability import LOG, counter, gauge
-
-    # Ray counters accept only positive increments.
-    for name, text, value in (
-        ("das_rows", "Augmented rows committed by the DAS", rec.output_rows),
-        ("das_masked_rows", "Augmented rows with the FM mask off", rec.masked_rows),
-        ("das_fm_calls", "Examples the DAS sent to the FM (unique example_ids)", rec.fm_calls),
-    ):
-        if value > 0:
-            counter(name, text).inc(value)
-    gauge("das_rows_per_s", "Rows per second of the last committed window").set(
-        rec.output_rows / max(rec.duration_s, 1e-9)
-    )
-    LOG.info(summary_line({"window": rec.window, "status": "committed", "record": rec}))
-
-
 def _crash() -> None:
     import os
 
@@ -409,15 +393,3 @@ def _crash() -> None:
 def augment_windows(cfg: AugmentConfig, windows: list[int], progress=None) -> list[dict]:
     """Augment several windows in order; `progress(result)` is called after each."""
     return Augmenter(cfg).augment_range(windows, progress)
-
-
-def summary_line(result: dict) -> str:
-    r = result["record"]
-    if r is None:
-        return f"window {result['window']}: {result['status']}"
-    rec = r if isinstance(r, WindowRecord) else WindowRecord.model_validate(r)
-    return (
-        f"window {rec.window}: {result['status']}, {rec.output_rows} rows, {rec.fm_calls} FM calls "
-        f"({rec.amortization:.2f} per row), FM {','.join(rec.fm_versions) or '-'}, masked {rec.masked_rows}, "
-        f"{rec.duration_s:.1f} s"
-    )

@@ -28,12 +28,9 @@ GB means GiB (2**30 bytes) everywhere, inputs included, as in TorchRec's planner
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,8 +47,6 @@ from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
     PlannerError,
-    ShardingOption,
-    Stats,
     TopologyFactory,
     TrainerConfig,
 )
@@ -60,6 +55,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError
 from exfm_ray.fm.model import FMConfig, FoundationModel, count_parameters
+from exfm_ray.fm.planner_hooks import DATA_PARALLEL_NOISE, CaptureStats, drop_root_warnings
 
 GiB = 2**30
 BYTES_PER_VALUE = 4  # fp32 tables, as the EBC builds them
@@ -67,7 +63,6 @@ NUM_DENSE_FEATURES = 13  # dense inputs of the planned FM (Criteo-like); only si
 SMALL_TABLE_DECAY = 0.8  # each small table holds 0.8x the rows of the previous one
 LARGE_TABLE_NAMES = ("user_id", "ad_id", "advertiser_id", "page_id")
 # The planner warns on the root logger for every data-parallel table ("no sharding spec"): expected, not news.
-DATA_PARALLEL_NOISE = "Sharding spec not found for "
 OPTIMIZER_STATE_PER_WEIGHT = {"rowwise_adagrad": None, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}  # None: 1/dim
 
 
@@ -302,7 +297,7 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
         ),
         kernel_config=KernelConfig(compute_device=spec.compute_device),
     )
-    capture = _CaptureStats()
+    capture = CaptureStats()
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=spec.batch_size,
@@ -314,7 +309,7 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
     reason = None
     plan_start = time.perf_counter()
     try:
-        with _drop_root_warnings(DATA_PARALLEL_NOISE):
+        with drop_root_warnings(DATA_PARALLEL_NOISE):
             planner.plan(model, [EmbeddingBagCollectionSharder()])
         fits = True
     except PlannerError as exc:
@@ -398,34 +393,3 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 def _state_per_weight(optimizer: str, dim: int) -> float:
     per_weight = OPTIMIZER_STATE_PER_WEIGHT[optimizer]
     return 1 / dim if per_weight is None else per_weight
-
-
-@contextlib.contextmanager
-def _drop_root_warnings(prefix: str) -> Iterator[None]:
-    """While planning, drop root-logger records whose message starts with `prefix` (and only those)."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(prefix)
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
-
-
-class _CaptureStats(Stats):
-    """A planner Stats callback that keeps the chosen sharding options instead of logging a table."""
-
-    def __init__(self) -> None:
-        self.best_plan: list[ShardingOption] = []
-        self.num_proposals = 0
-        self.num_plans = 0
-
-    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans, run_time,
-            best_plan, **kwargs) -> None:  # fmt: skip
-        self.num_proposals, self.num_plans = num_proposals, num_plans
-        # On failure the planner logs its last rejected proposal with rank -1 and an empty plan: keep successes.
-        if sharding_plan.plan:
-            self.best_plan = list(best_plan)

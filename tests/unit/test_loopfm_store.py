@@ -69,7 +69,7 @@ def test_store_stays_within_its_bound_evicting_the_stalest(tmp_path):
     assert hist == [[0], [0], [30], [40]]
 
 
-def test_float16_halves_the_embedding_bytes(tmp_path):
+def test_float16_shrinks_the_store_file(tmp_path):
     rng = np.random.default_rng(0)
     table = window_table(list(range(500)), [0.0] * 500)
     noise = rng.normal(size=500 * DIM).astype(np.float32)
