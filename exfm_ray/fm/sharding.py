@@ -8,12 +8,14 @@ other sharding. The process-group backend is configuration (gloo on CPU, nccl on
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
@@ -98,7 +100,52 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a DCP checkpoint into any sharding (or none); collective when sharded."""
+    """Load a DCP checkpoint into any sharding (or none); collective when sharded. Weights only:
+    the checkpoint folder sits in shared storage, so nothing in it may run code here."""
+    reader = SafeFileSystemReader(str(path))
+    reader.read_metadata()  # a refused file fails here, plainly (DCP wraps errors in a BaseException)
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), storage_reader=reader)
     model.load_state_dict(state)
+
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {
+    *((_DCP_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its `.metadata` with pickle and its FileSystemReader reads it with a bare
+    `pickle.load`: a file anyone wrote there would run code. Only the classes of DCP's own
+    metadata (and torch dtypes) come back; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"DCP checkpoint metadata refers to {module}.{name}: refused (weights only)")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """A FileSystemReader that loads tensors only: restricted unpickling of `.metadata`, and no
+    non-tensor entries (DCP reads those with `torch.load(weights_only=False)`; the FM has none)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{self.path}: .metadata holds {type(metadata).__name__}, not DCP Metadata")
+        other = sorted(k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata))
+        if other:
+            raise pickle.UnpicklingError(f"{self.path}: non-tensor entries refused (weights only): {other[:5]}")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -125,7 +125,7 @@ def test_a_restored_run_continues_exactly_like_an_uninterrupted_one(augmented):
     torch.save(first.state_dict(), saved)  # what a checkpoint holds
     saved.seek(0)
     resumed = TenantRun(view)
-    resumed.load_state_dict(torch.load(saved, weights_only=False))
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
     last = resumed.window(2, store.read_window(2, columns=view.columns))
     assert resumed.last_window == 2 and [r["window"] for r in resumed.history] == [0, 1, 2]
     for key in ("ne", "auc", "control_ne", "loss"):
