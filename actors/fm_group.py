@@ -19,11 +19,13 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
+from actors.remote import shard_actor_class
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError, FMUnavailable
 from exfm_ray.fm.config import ShardingConfig
 from exfm_ray.fm.labels import FMLabels, gather, split_padded
 from exfm_ray.fm.registry import FMRegistry, FMVersion
+from exfm_ray.fm.status import GangStatus, GroupStatus
 from exfm_ray.observability import LOG, counter, gauge, histogram
 from exfm_ray.schema import validate_features
 
@@ -66,8 +68,6 @@ class Gang:
     async def start(self, version: FMVersion) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from actors.launch import shard_actor_class
 
         cfg = self.cfg
         if self.pg is None:
@@ -135,17 +135,17 @@ class Gang:
             ray.kill(rank, no_restart=True)
         self.ranks = []
 
-    def describe(self) -> dict:
-        return {
-            "gang": self.index,
-            "status": self.status,
-            "version": self.version.version if self.version else None,
-            "ranks": len(self.ranks),
-            "in_flight": self.in_flight,
-            "rebuilds": self.rebuilds,
-            "error": self.error,
-            "plan": self.infos[0]["plan"] if getattr(self, "infos", None) else {},
-        }
+    def describe(self) -> GangStatus:
+        return GangStatus(
+            gang=self.index,
+            status=self.status,
+            version=self.version.version if self.version else None,
+            ranks=len(self.ranks),
+            in_flight=self.in_flight,
+            rebuilds=self.rebuilds,
+            error=self.error,
+            plan=self.infos[0]["plan"] if getattr(self, "infos", None) else {},
+        )
 
 
 class FMGroup:
@@ -163,7 +163,7 @@ class FMGroup:
         self._next = itertools.count()
         self._rebuilding: set[int] = set()
 
-    async def start(self, version: str | None = None) -> dict:
+    async def start(self, version: str | None = None) -> GroupStatus:
         meta = self._resolve(version)
         await asyncio.gather(*(g.start(meta) for g in self.gangs))
         self.version = meta
@@ -200,7 +200,7 @@ class FMGroup:
         )
         return out
 
-    async def switch(self, version: str | None = None) -> dict:
+    async def switch(self, version: str | None = None) -> GroupStatus:
         """Switch every gang to `version` (default: the registry's current one)."""
         meta = self._resolve(version)
         ready = [g for g in self.gangs if g.status == "ready"]
@@ -219,19 +219,18 @@ class FMGroup:
                 self.version.watermark, {"group": self.cfg.name, "version": self.version.version}
             )
 
-    def status(self) -> dict:
-        return {
-            "name": self.cfg.name,
-            "version": self.version.version if self.version else None,
-            "watermark": self.version.watermark if self.version else None,
-            "ready": any(g.status == "ready" for g in self.gangs),
-            "gangs": [g.describe() for g in self.gangs],
-            "num_shards": self.cfg.num_shards,
-            "rows_labeled": self.rows_labeled,
-            "calls": self.calls,
-            "failed_calls": self.failed_calls,
-            "uptime_s": round(time.time() - self.started_at, 1),
-        }
+    def status(self) -> GroupStatus:
+        return GroupStatus(
+            name=self.cfg.name,
+            version=self.version,
+            ready=any(g.status == "ready" for g in self.gangs),
+            gangs=[g.describe() for g in self.gangs],
+            num_shards=self.cfg.num_shards,
+            rows_labeled=self.rows_labeled,
+            calls=self.calls,
+            failed_calls=self.failed_calls,
+            uptime_s=round(time.time() - self.started_at, 1),
+        )
 
     def rank_handles(self, gang: int = 0) -> list:
         """The rank actors of a gang (operations and fault-injection tests)."""

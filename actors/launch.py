@@ -5,12 +5,8 @@ from __future__ import annotations
 import ray
 
 from actors.fm_group import FMGroup, FMGroupConfig
-from actors.fm_shard import FMShard
+from actors.tenant_manager import TenantManager
 from exfm_ray.errors import ExfmError
-
-
-def shard_actor_class():
-    return ray.remote(FMShard)
 
 
 def start_fm_group(cfg: FMGroupConfig, *, version: str | None = None, detached: bool = True):
@@ -57,17 +53,8 @@ def stop_fm_group(name: str = "exfm-fm", namespace: str = "exfm") -> bool:
     return True
 
 
-def fit_tenant_task():
-    """Ray task running one tenant's TorchTrainer.fit() (the trainer's own workers hold the CPUs)."""
-    from exfm_ray.tenants.trainer import fit_tenant
-
-    return ray.remote(num_cpus=0, max_retries=0)(fit_tenant)
-
-
 def start_tenant_manager(cfg, *, detached: bool = False):
     """The named tenant manager; `exfm tenants add` on a running system talks to it."""
-    from actors.tenant_manager import TenantManager
-
     if find_tenant_manager(cfg.name, cfg.namespace) is not None:
         raise ExfmError(f"a tenant manager named {cfg.name!r} is already running; wait for it or stop it")
     return (
@@ -88,10 +75,3 @@ def find_tenant_manager(name: str = "exfm-tenants", namespace: str = "exfm"):
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
         return None
-
-
-def train_fm_task():
-    """Ray task running the FM training job (its TorchTrainer workers hold the CPUs/GPUs)."""
-    from exfm_ray.fm.train_job import train_fm
-
-    return ray.remote(num_cpus=0, max_retries=0)(train_fm)

@@ -10,36 +10,37 @@ stream, FM versions, committed windows and tenant checkpoints on storage are all
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from actors.fm_group import FMGroupConfig
-from actors.launch import find_fm_group, start_fm_group, start_tenant_manager, stop_fm_group, train_fm_task
+from actors.launch import find_fm_group, start_fm_group, start_tenant_manager, stop_fm_group
+from actors.remote import train_fm_task
 from actors.tenant_manager import TenantManagerConfig
-from exfm_ray.bench.http_load import Connection, post_request, sequential
 from exfm_ray.das.pipeline import AugmentConfig, Augmenter
+from exfm_ray.das.store import AugmentedStore
 from exfm_ray.das.window_log import summary_line
 from exfm_ray.data.sources import load_stream
 from exfm_ray.data.stream import SPEC_FILE, read_spec
-from exfm_ray.errors import ExfmError
-from exfm_ray.fm.registry import FMRegistry, FMVersion
+from exfm_ray.errors import PipelineFailure
+from exfm_ray.fm.registry import FMRegistry, FMVersion, fm_window_for, window_labeled_by
 from exfm_ray.fm.train_job import FMTrainConfig
 from exfm_ray.observability import LOG
 from exfm_ray.pipeline import report as run_report
 from exfm_ray.pipeline.config import PipelineConfig
-from exfm_ray.serving.api import PREDICT_PATH
-from exfm_ray.students.checkpoint import load_serving
+from exfm_ray.serving.check import check_serving
+from exfm_ray.serving.deploy import deploy
 from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
-from jobs import serving
 
 
-class Pipeline:
+class PipelineSupervisor:
+    """Drives the loop from the driver: starts the FM job, the FM group and the tenant manager, augments
+    each window in order, deploys Serve once a student exists, checks serving, writes the report."""
+
     def __init__(self, cfg: PipelineConfig, log=print):
         self.cfg = cfg
         self.log = log
@@ -71,7 +72,7 @@ class Pipeline:
             status = ray.get(students)
             failed = {n: r.get("error") for n, r in status["runs"].items() if r["status"] == "failed"}
             if failed:
-                raise ExfmError(f"tenant runs failed: {failed}")
+                raise PipelineFailure(f"tenant runs failed: {failed}")
             if self.fm_job is not None:
                 ray.get(self.fm_job)
             self._serve_when_ready()
@@ -102,9 +103,9 @@ class Pipeline:
         return [e.config.name for e in registry.active()]
 
     def _start_fm_training(self, windows: int):
-        last = windows - 1 - self.cfg.fm_delay  # the last window any label needs
+        last = fm_window_for(windows - 1, self.cfg.fm_delay)  # the last window any label needs
         current = FMRegistry(self.storage).current()
-        if last < 0 or (current is not None and current.through_window >= last):
+        if last is None or (current is not None and current.through_window >= last):
             return None
         cfg = FMTrainConfig(storage=str(self.storage), stream=str(self.stream_dir), through_window=last,
             fm=self.cfg.fm, num_workers=self.cfg.fm_workers, publish_each_window=True,
@@ -117,8 +118,8 @@ class Pipeline:
         if t in augmenter.store.records():
             self.log(f"window {t}: already augmented")
             return
-        k = t - self.cfg.fm_delay
-        if k < 0:
+        k = fm_window_for(t, self.cfg.fm_delay)
+        if k is None:
             result = augmenter.augment_unlabeled(t, self.cfg.fm)
         else:
             version = self._version_through(k)
@@ -145,7 +146,7 @@ class Pipeline:
                     ray.get(self.fm_job)  # raises the training job's error, if any
                 older = [v for v in registry.versions() if v.through_window <= k]
                 if not older:
-                    raise ExfmError(f"no FM version trained through window {k} in {registry.root}")
+                    raise PipelineFailure(f"no FM version trained through window {k} in {registry.root}")
                 return max(older, key=lambda v: v.through_window)
             time.sleep(0.5)
 
@@ -158,12 +159,12 @@ class Pipeline:
                 self.group = start_fm_group(cfg, version=version.version, detached=False)
                 self.own_group = True
                 return
-        if ray.get(self.group.status.remote())["version"] != version.version:
+        if ray.get(self.group.status.remote()).version_name != version.version:
             ray.get(self.group.switch.remote(version.version))
 
     def _serve_when_ready(self) -> None:
         if self.serve_url is None and StudentStore(self.storage).tenants():
-            self.serve_url = serving.deploy(self.serve_cfg)
+            self.serve_url = deploy(self.serve_cfg)
             self.log(f"students served at {self.serve_url} (new checkpoints hot-reload)")
 
     def _stop_training(self) -> None:
@@ -174,48 +175,17 @@ class Pipeline:
         if self.own_group:
             stop_fm_group(self.cfg.fm_group)
 
-    # -- serving checks -----------------------------------------------------------------------
-
     def _check_serving(self, spec, tenants: list[str]) -> dict:
-        """Every tenant's newest checkpoint answers over HTTP, equal to the in-process student."""
-        from exfm_ray.das.store import AugmentedStore
-        from exfm_ray.data.batching import WindowTensors
-
-        store, augmented = StudentStore(self.storage), AugmentedStore(self.storage)
-        last = max(augmented.committed())
-        out = {}
-        for tenant in tenants:
-            pub = store.latest(tenant)
-            if pub is None:
-                continue
-            view = resolve(TenantRegistry(self.storage).get(tenant).config, spec)
-            table = view.select(augmented.read_window(last, columns=view.columns)).slice(0, self.cfg.sample_rows)
-            url = self.serve_cfg.url + PREDICT_PATH.format(tenant=tenant)
-            body = {"rows": _http_rows(table, view)}
-            answer = _wait_for_version(url, tenant, body, pub.version)
-            model, _ = load_serving(pub.path)
-            rows = WindowTensors(table, view.spec)
-            feats, dense = view.spec.tenants[0].features, view.spec.tenants[0].dense
-            batch = rows.batch(0, rows.num_rows, feats, dense)
-            expected = model(batch.sparse, batch.dense).detach().numpy()
-            one = {"rows": body["rows"][:1]}
-            latencies = asyncio.run(sequential(url, one, self.cfg.latency_requests, warmup=0)).samples_ms
-            out[tenant] = {
-                "version": answer["version"],
-                "rows": table.num_rows,
-                "max_abs_diff": float(np.max(np.abs(np.asarray(answer["probabilities"]) - expected))),
-                "p50_ms": float(np.percentile(latencies, 50)),
-                "p99_ms": float(np.percentile(latencies, 99)),
-            }
-        return {"url": self.serve_url, "tenants": out}
+        if self.serve_url is None:
+            return {"url": None, "tenants": {}}
+        return check_serving(self.storage, self.serve_cfg, spec, tenants, sample_rows=self.cfg.sample_rows,
+                             latency_requests=self.cfg.latency_requests)  # fmt: skip
 
     # -- report -------------------------------------------------------------------------------
 
     def _report(self, spec, tenants: list[str], serving_results: dict, seconds: float) -> dict:
-        from exfm_ray.das.store import AugmentedStore
-
         registry = TenantRegistry(self.storage)
-        histories = {n: registry.read_json(registry.metrics_path(n)) or [] for n in tenants}
+        histories = {n: registry.history(n) for n in tenants}
         timings = self._timings_with_training(histories, FMRegistry(self.storage).versions())
         augmented = AugmentedStore(self.storage)
         staleness = {}
@@ -236,7 +206,7 @@ class Pipeline:
         timings = {t: dict(v) for t, v in self.timings.items()}
         ordered = sorted(versions, key=lambda v: v.created_at)
         for prev, cur in zip(ordered, ordered[1:], strict=False):
-            t = cur.through_window + self.cfg.fm_delay  # the window this version labels
+            t = window_labeled_by(cur.through_window, self.cfg.fm_delay)
             timings.setdefault(t, {})["fm_train"] = cur.created_at - prev.created_at
         for h in histories.values():
             for r in h:
@@ -245,42 +215,6 @@ class Pipeline:
         return timings
 
 
-def _http_rows(table, view) -> list[dict]:
-    tenant = view.spec.tenants[0]
-    sparse = {f: table.column(f).to_pylist() for f in tenant.features}
-    dense = {d: table.column(d).to_pylist() for d in tenant.dense}
-    return [
-        {"sparse": {f: sparse[f][i] for f in tenant.features}, "dense": {d: dense[d][i] for d in tenant.dense}}
-        for i in range(table.num_rows)
-    ]
-
-
-def _wait_for_version(url: str, tenant: str, body: dict, version: str, timeout_s: float = 60.0) -> dict:
-    """Ask until the tenant's newest version answers (hot reload within the reload interval)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = _post(url, body)
-        if answer.get("version") == version or time.monotonic() > deadline:
-            if answer.get("version") != version:
-                raise ExfmError(f"tenant {tenant}: Serve still answers with {answer.get('version')}, not {version}")
-            return answer
-        time.sleep(0.5)
-
-
-def _post(url: str, body: dict) -> dict:
-    async def once():
-        conn = Connection(url)
-        try:
-            return await conn.request(post_request(url, body))
-        finally:
-            conn.close()
-
-    reply = asyncio.run(once())
-    if reply.status != 200:
-        raise ExfmError(f"POST {url}: HTTP {reply.status}: {reply.body[:300]!r}")
-    return reply.json()
-
-
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     LOG.info("exfm run starting on %s", cfg.storage)
-    return Pipeline(cfg, log).run()
+    return PipelineSupervisor(cfg, log).run()

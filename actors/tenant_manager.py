@@ -14,13 +14,14 @@ import time
 
 from pydantic import Field
 
+from actors.remote import fit_tenant_task
 from exfm_ray.configbase import Config
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.errors import ConfigError
 from exfm_ray.observability import LOG
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
-from exfm_ray.tenants.trainer import TenantRunConfig
+from exfm_ray.tenants.trainer import TenantRunConfig, WindowPlan
 
 
 class TenantManagerConfig(Config):
@@ -36,14 +37,14 @@ class TenantManager:
         self.cfg = cfg
         self.registry = TenantRegistry(cfg.storage)
         self.slots = asyncio.Semaphore(cfg.max_concurrent)
-        self.plan: dict | None = None  # the windows of the current train() call
+        self.plan: WindowPlan | None = None  # the windows of the current train() call
         self.runs: dict[str, dict] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
     async def train(self, first_window: int, last_window: int | None, follow: bool = False) -> dict:
         """Train every active tenant over the windows (and any tenant added meanwhile); returns
         when all runs have ended, with one summary per tenant."""
-        self.plan = {"first_window": first_window, "last_window": last_window, "follow": follow}
+        self.plan = WindowPlan(first_window=first_window, last_window=last_window, follow=follow)
         try:
             for entry in self.registry.active():
                 self._launch(entry)
@@ -71,20 +72,21 @@ class TenantManager:
         return self.registry.remove(name).model_dump(mode="json")
 
     def status(self) -> dict:
-        return {"training": self.plan is not None, "plan": self.plan, "runs": dict(self.runs)}
+        plan = self.plan.model_dump() if self.plan is not None else None
+        return {"training": self.plan is not None, "plan": plan, "runs": dict(self.runs)}
 
     def _launch(self, entry: TenantEntry) -> None:
         name = entry.config.name
         if name in self.tasks and not self.tasks[name].done():
             return
         assert self.plan is not None
-        run_cfg = TenantRunConfig(storage=self.cfg.storage, entry=entry, poll_s=self.cfg.poll_s, **self.plan)
+        run_cfg = TenantRunConfig(
+            storage=self.cfg.storage, entry=entry, poll_s=self.cfg.poll_s, **self.plan.model_dump()
+        )
         self.runs[name] = {"status": "queued", "run": entry.run_name, "queued_at": time.time()}
         self.tasks[name] = asyncio.get_running_loop().create_task(self._run(name, run_cfg))
 
     async def _run(self, name: str, run_cfg: TenantRunConfig) -> None:
-        from actors.launch import fit_tenant_task
-
         state = self.runs[name]
         async with self.slots:
             state.update(status="running", started_at=time.time())

@@ -45,7 +45,7 @@ class DasBenchConfig(Config):
     overhead_rows: int = Field(1000, ge=100, description="Examples in the tiny window that measures fixed cost.")
 
 
-def run_das_bench(cfg: DasBenchConfig, workdir: Path | None = None, log=print) -> dict:
+def run(cfg: DasBenchConfig, workdir: Path | None = None, log=print) -> dict:
     root = Path(workdir or tempfile.mkdtemp(prefix="exfm-bench-das-"))
     try:
         return _run(cfg, root, log)
@@ -169,3 +169,11 @@ def _link_registry(root: Path, storage: Path) -> None:
     (storage / "fm").mkdir(parents=True)
     (storage / "fm" / "registry.json").write_text((root / "fm" / "registry.json").read_text())
     (storage / "fm" / "versions").symlink_to(root / "fm" / "versions")
+
+
+def summary(r: dict) -> str:
+    return (
+        f"in-process FM forward {r['inprocess_rows_per_s']:,.0f} rows/s | DAS {r['das_rows_per_s']:,.0f} "
+        f"rows/s | ratio {r['ratio']:.2f} | window {r['unique_examples']:,} examples | fixed overhead "
+        f"{r['das_fixed_overhead_s']:.2f} s ({r['overhead_window_examples']:,}-example window)"
+    )

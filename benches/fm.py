@@ -30,7 +30,7 @@ class FMBenchConfig(Config):
     sharding_type: str = Field("table_wise", description="Sharding type of the group.")
 
 
-def run_fm_bench(cfg: FMBenchConfig, workdir: Path | None = None, log=print) -> dict:
+def run(cfg: FMBenchConfig, workdir: Path | None = None, log=print) -> dict:
     import ray
 
     from actors.fm_group import FMGroupConfig
@@ -85,3 +85,11 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def summary(r: dict) -> str:
+    return f"in-process {r['inprocess_rows_per_s']:,.0f} rows/s; " + "; ".join(
+        f"{k.removeprefix('group_').replace('_rows_per_s', '')} {v:,.0f} rows/s"
+        for k, v in r.items()
+        if k.startswith("group_")
+    )

@@ -91,3 +91,11 @@ def _state_bytes(run: TenantRun) -> int:
     buffer = io.BytesIO()
     torch.save(run.state_dict(), buffer)
     return buffer.tell()
+
+
+def summary(r: dict) -> str:
+    return (
+        f"guard off {r['guard_off_rows_per_s']:,.0f} rows/s | guard on {r['guard_on_rows_per_s']:,.0f} rows/s | "
+        f"ratio {r['rows_per_s_ratio']:.2f} (median window {r['ratio_median_window']:.2f}) | checkpoint "
+        f"{r['state_bytes_guard_off'] / 1e6:.2f} -> {r['state_bytes_guard_on'] / 1e6:.2f} MB ({r['state_ratio']:.2f}x)"
+    )

@@ -10,52 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import tempfile
-import time
 from pathlib import Path
 
-from exfm_ray.bench.http_load import Connection, Latency, concurrent, post_request, sequential
+from pydantic import Field
+
+from exfm_ray.bench.http_load import Latency, concurrent, post_until, sequential
+from exfm_ray.configbase import Config
+from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import example_rows, publish_synthetic_students
+from exfm_ray.serving.deploy import deploy, free_port, undeploy
 from exfm_ray.students.store import StudentStore
-from jobs import serving
-
-PREDICT = "/v1/tenants/{tenant}/predict"
 
 
-def run_serve_bench(
-    *,
-    requests: int,
-    seconds: float,
-    concurrency: int,
-    rows: int,
-    fast_ingress: bool,
-    config: ServeConfig | None = None,
-    rounds: int = 10,
-) -> dict:
+class ServeBenchConfig(Config):
+    requests: int = Field(4000, ge=1, description="Sequential single-row requests per server.")
+    seconds: float = Field(10.0, gt=0, description="Duration of the concurrent load per server.")
+    concurrency: int = Field(32, ge=1, description="Concurrent connections under load.")
+    rows: int = Field(32, ge=1, description="Rows per request under load (candidates to rank).")
+    rounds: int = Field(10, ge=1, description="Sequential rounds, alternating between the two servers.")
+    serve: ServeConfig | None = Field(None, description="The Serve app's config (its store_root/port are replaced).")
+
+
+def run(cfg: ServeBenchConfig) -> dict:
+    """On the Ray this process has joined: deploys the app, measures, and takes the app down."""
+    requests, seconds, concurrency, rows = cfg.requests, cfg.seconds, cfg.concurrency, cfg.rows
     with tempfile.TemporaryDirectory(prefix="exfm-bench-") as tmp:
         tenants = [p.tenant for p in publish_synthetic_students(tmp, num_tenants=2)]
-        cfg = (config or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=serving.free_port())
+        serve_cfg = (cfg.serve or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=free_port())
         store = StudentStore(tmp)
         single = {"rows": example_rows(store.latest_meta(tenants[0]), 1)}
         bodies = {t: [{"rows": example_rows(store.latest_meta(t), rows, seed=i)} for i in range(8)] for t in tenants}
-        baseline_port = serving.free_port()
-        baseline = _start_baseline(cfg, baseline_port)
+        baseline_port = free_port()
+        baseline = _start_baseline(serve_cfg, baseline_port)
         try:
-            serving.start_ray(None, fast_ingress=fast_ingress, num_cpus=2)
-            settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
-            try:
-                urls = {"baseline": f"http://127.0.0.1:{baseline_port}", "serve": serving.deploy(cfg)}
-                for url in urls.values():
-                    asyncio.run(_wait_ready(url + PREDICT.format(tenant=tenants[0]), single))
-                latency = asyncio.run(_sequential_rounds(urls, tenants[0], single, requests, rounds))
-                before = _replica_stats(cfg)
-                load = {name: asyncio.run(_load(url, bodies, rows, concurrency, seconds)) for name, url in urls.items()}
-                after = _replica_stats(cfg)
-            finally:
-                serving.shutdown(cfg, own_cluster=True)
+            urls = {"baseline": f"http://127.0.0.1:{baseline_port}", "serve": deploy(serve_cfg)}
+            for url in urls.values():
+                post_until(url + PREDICT_PATH.format(tenant=tenants[0]), single, timeout_s=120.0)
+            latency = asyncio.run(_sequential_rounds(urls, tenants[0], single, requests, cfg.rounds))
+            before = _replica_stats(serve_cfg)
+            load = {name: asyncio.run(_load(url, bodies, rows, concurrency, seconds)) for name, url in urls.items()}
+            after = _replica_stats(serve_cfg)
         finally:
+            undeploy(serve_cfg, all_of_serve=True)
             baseline.kill()
             baseline.join()
     b, s = latency["baseline"], latency["serve"]
@@ -78,8 +76,7 @@ def run_serve_bench(
         "concurrency": concurrency,
         "rows_per_request": rows,
         "tenants": tenants,
-        "ray_settings": settings,
-        "serve_config": cfg.model_dump(mode="json", exclude={"store_root", "port"}),
+        "serve_config": serve_cfg.model_dump(mode="json", exclude={"store_root", "port"}),
     }
 
 
@@ -88,7 +85,9 @@ async def _sequential_rounds(urls: dict[str, str], tenant: str, body: dict, requ
     latency = {name: Latency([]) for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
-            got = await sequential(url + PREDICT.format(tenant=tenant), body, max(1, requests // rounds), warmup=20)
+            got = await sequential(
+                url + PREDICT_PATH.format(tenant=tenant), body, max(1, requests // rounds), warmup=20
+            )
             latency[name].samples_ms += got.samples_ms
     return latency
 
@@ -97,7 +96,7 @@ async def _load(url: str, bodies: dict[str, list[dict]], rows: int, concurrency:
     """`concurrency` connections split over the tenants, each posting its tenant's requests back to back."""
     per_tenant = max(1, concurrency // len(bodies))
     return await asyncio.gather(
-        *(concurrent(url + PREDICT.format(tenant=t), b, rows, per_tenant, seconds) for t, b in bodies.items())
+        *(concurrent(url + PREDICT_PATH.format(tenant=t), b, rows, per_tenant, seconds) for t, b in bodies.items())
     )
 
 
@@ -109,22 +108,6 @@ def _replica_stats(cfg: ServeConfig) -> dict:
     from ray import serve
 
     return serve.get_deployment_handle("StudentRouter", app_name=cfg.app_name).inspect_process.remote().result()
-
-
-async def _wait_ready(url: str, body: dict, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        conn = Connection(url)
-        try:
-            if (await conn.request(post_request(url, body))).status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            conn.close()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout_s} s")
-        await asyncio.sleep(0.2)
 
 
 def _serve_baseline(config_json: str, port: int) -> None:
@@ -142,3 +125,14 @@ def _start_baseline(cfg: ServeConfig, port: int) -> multiprocessing.Process:
     )
     proc.start()
     return proc
+
+
+def summary(r: dict) -> str:
+    return "\n".join([
+        "| | baseline (uvicorn) | Ray Serve | ratio |",
+        "|---|---|---|---|",
+        f"| p50, sequential 1-row | {r['baseline_p50_ms']} ms | {r['serve_p50_ms']} ms | {r['p50_ratio']} |",
+        f"| p99, sequential 1-row | {r['baseline_p99_ms']} ms | {r['serve_p99_ms']} ms | {r['p99_ratio']} |",
+        f"| predictions/s, {r['concurrency']} conns x {r['rows_per_request']} rows | "
+        f"{r['baseline_predictions_per_s']} | {r['batched_predictions_per_s']} | |",
+    ])  # fmt: skip

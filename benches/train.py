@@ -41,12 +41,13 @@ from pathlib import Path
 
 import ray
 import torch
+from pydantic import Field
 
-from actors.launch import fit_tenant_task
+from actors.remote import fit_tenant_task
+from exfm_ray.configbase import Config
 from exfm_ray.das.local import augment_stream_locally
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
-from exfm_ray.errors import ExfmError
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
@@ -59,7 +60,13 @@ BENCH_CPUS = 2
 WAIT_LIMIT_S = 600
 
 
-def run_train_bench(*, rows_per_window: int, windows: int, log=print) -> dict:
+class TrainBenchConfig(Config):
+    rows_per_window: int = Field(60_000, ge=1000, description="Synthetic examples per window.")
+    windows: int = Field(8, ge=2, description="Windows each arm trains on, interleaved window by window.")
+
+
+def run(cfg: TrainBenchConfig, log=print) -> dict:
+    rows_per_window, windows = cfg.rows_per_window, cfg.windows
     work = Path(tempfile.mkdtemp(prefix="exfm-bench-train-"))
     bare = ray_runs = None
     try:
@@ -159,7 +166,7 @@ class _BarePair:
             self.procs.append(proc)
         for conn in self.conns:
             if conn.recv() != "ready":
-                raise ExfmError("a bare bench process failed to start")
+                raise RuntimeError("a bare bench process failed to start")
 
     def window(self, t: int) -> dict:
         began = time.time()
@@ -224,14 +231,14 @@ class _RayRuns:
         checked = began = time.time()
         while not run.idle(t):
             if time.time() - began > WAIT_LIMIT_S:
-                raise ExfmError(f"tenant run {run.tenant.name} did not finish window {t - 1} in {WAIT_LIMIT_S} s")
+                raise RuntimeError(f"tenant run {run.tenant.name} did not finish window {t - 1} in {WAIT_LIMIT_S} s")
             time.sleep(0.005)  # polls cost the students' CPU: sleep between stats of progress.json
             if time.time() - checked > 0.5:
                 checked = time.time()
                 finished, _ = ray.wait([run.ref], timeout=0)
                 if finished and not run.idle(t):  # the run ended early: surface its error
                     ray.get(finished)
-                    raise ExfmError("a tenant run ended before its windows were committed")
+                    raise RuntimeError("a tenant run ended before its windows were committed")
 
 
 class _FollowedRun:
@@ -257,7 +264,7 @@ class _FollowedRun:
         return lambda: self.store.commit(as_window, staged, record, self.spec)
 
     def record(self, window: int) -> dict:
-        history = self.registry.read_json(self.registry.metrics_path(self.tenant.name))
+        history = self.registry.history(self.tenant.name)
         return next(r for r in history if r["window"] == window)
 
     def idle(self, t: int) -> bool:
@@ -276,3 +283,14 @@ class _FollowedRun:
             self._progress = self.registry.read_json(self.progress) or {}
             self._seen = (st.st_ino, st.st_mtime_ns)
         return self._progress
+
+
+def summary(r: dict) -> str:
+    return (
+        "| plain loop | Ray Train | ratio | median window ratio | 1 tenant | 2 tenants | scaling | "
+        "2 bare processes | machine scaling |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| {r['plain_rows_per_s']:,.0f} rows/s | {r['ray_rows_per_s']:,.0f} rows/s | {r['ratio']:.2f} | "
+        f"{r['ratio_median_window']:.2f} | {r['one_tenant_rows_per_s']:,.0f} rows/s | "
+        f"{r['two_tenants_rows_per_s']:,.0f} rows/s | {r['scaling']:.2f} | "
+        f"{r['bare_pair_rows_per_s']:,.0f} rows/s | {r['machine_scaling']:.2f} |"
+    )

@@ -24,16 +24,7 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Self:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_yaml(path), source=str(path))
 
     def replace(self, **changes: Any) -> Self:
         """A validated copy with some fields changed (model_copy does not validate)."""
@@ -46,3 +37,20 @@ def format_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         parts.append(f"field {loc!r}: {err['msg']}")
     return "; ".join(parts)
+
+
+def read_yaml(path: str | Path, *, expect: type = dict) -> Any:
+    """The one YAML (or JSON) file reader: a missing file, bad YAML or the wrong top-level kind is a
+    ConfigError naming the file. An empty file reads as an empty mapping."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None and expect is dict:
+        data = {}
+    if not isinstance(data, expect):
+        raise ConfigError(f"{path}: expected a {'mapping' if expect is dict else expect.__name__} at the top level")
+    return data

@@ -1,5 +1,7 @@
 """Error policy: user mistakes raise a subclass of ExfmError with a message that names the
-field, column or row; the CLI prints it without a stack trace. Internal invariants use assert."""
+field, column or row; the CLI prints it without a stack trace. A failure of the system itself (a
+run that crashed, a job that never published) raises PipelineFailure or any other exception, and
+the CLI shows its traceback. Internal invariants use assert."""
 
 
 class ExfmError(Exception):
@@ -36,3 +38,8 @@ class TenantNotFound(ExfmError, LookupError):
     def __init__(self, tenant: str):
         super().__init__(f"unknown tenant {tenant!r}: no published student checkpoint")
         self.tenant = tenant
+
+
+class PipelineFailure(RuntimeError):
+    """Part of the loop failed (a tenant run, the FM job, a service that never answered): not the
+    user's input, so it is reported with its traceback."""

@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from exfm_ray.errors import ConfigError
+from jobs.common import parse_windows, quiet_ray_data
 from jobs.settings import Settings
-
-
-def parse_windows(text: str) -> list[int]:
-    """'3' -> [3]; '2:5' -> [2, 3, 4, 5] (inclusive, like the issue's A:B)."""
-    try:
-        if ":" in text:
-            a, b = (int(x) for x in text.split(":", 1))
-        else:
-            a = b = int(text)
-    except ValueError:
-        raise ConfigError(f"--windows {text!r}: expected A:B or a single window number") from None
-    if a < 0 or b < a:
-        raise ConfigError(f"--windows {text!r}: need 0 <= A <= B")
-    return list(range(a, b + 1))
 
 
 def add_parser(sub) -> None:
@@ -70,13 +55,3 @@ def run(args: argparse.Namespace) -> int:
     if waiting:
         print(f"FM labels staged; waiting for delayed labels to close windows {waiting}: re-run later")
     return 0
-
-
-def quiet_ray_data() -> None:
-    """Our bar and summary lines say what happened; Ray Data's per-operator bars would bury them."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" per Dataset

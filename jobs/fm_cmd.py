@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from jobs.settings import Settings
@@ -106,7 +105,7 @@ def run_start(args: argparse.Namespace) -> int:
     import ray
 
     status = ray.get(start_fm_group(cfg, version=args.version).status.remote())
-    print(f"FM group {cfg.name!r} ready: version {status['version']}, {cfg.num_replicas} x {cfg.num_shards} ranks")
+    print(f"FM group {cfg.name!r} ready: version {status.version_name}, {cfg.num_replicas} x {cfg.num_shards} ranks")
     return 0
 
 
@@ -118,13 +117,13 @@ def run_status(args: argparse.Namespace) -> int:
     _connect(args)
     status = ray.get(get_fm_group(args.name).status.remote())
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(status.model_dump_json(indent=1))
         return 0
-    print(f"FM group {status['name']}: version {status['version']}, ready {status['ready']}")
-    print(f"calls {status['calls']} (failed {status['failed_calls']}), rows labeled {status['rows_labeled']}")
-    for g in status["gangs"]:
-        types = sorted(set(g["plan"].values()))
-        print(f"  gang {g['gang']}: {g['status']}, {g['ranks']} ranks, sharding {types}, rebuilds {g['rebuilds']}")
+    print(f"FM group {status.name}: version {status.version_name}, ready {status.ready}")
+    print(f"calls {status.calls} (failed {status.failed_calls}), rows labeled {status.rows_labeled}")
+    for g in status.gangs:
+        types = sorted(set(g.plan.values()))
+        print(f"  gang {g.gang}: {g.status}, {g.ranks} ranks, sharding {types}, rebuilds {g.rebuilds}")
     return 0
 
 
@@ -135,7 +134,7 @@ def run_switch(args: argparse.Namespace) -> int:
 
     _connect(args)
     status = ray.get(get_fm_group(args.name).switch.remote(args.version))
-    print(f"FM group {status['name']} now serves {status['version']}")
+    print(f"FM group {status.name} now serves {status.version_name}")
     return 0
 
 

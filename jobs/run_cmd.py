@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import time
 from pathlib import Path
@@ -31,10 +30,10 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings):
+    from exfm_ray.configbase import read_yaml
     from exfm_ray.pipeline.config import PipelineConfig
-    from jobs.serve_cmd import load_yaml
 
-    data = load_yaml(args.config) if args.config else {}
+    data = read_yaml(args.config) if args.config else {}
     data["storage"] = str((args.storage or Path(data.get("storage") or settings.storage)).resolve())
     # Demo-sized by default (2 tenants, 6 windows of 10,000 examples); the YAML, then flags, override.
     data["source"] = source_fields(
@@ -52,20 +51,22 @@ def config_from_args(args: argparse.Namespace, settings: Settings):
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors.pipeline import run_pipeline
+    from exfm_ray.serving.deploy import undeploy
     from exfm_ray.students.store import StudentStore
-    from jobs import serving
-    from jobs.augment_cmd import quiet_ray_data
-    from jobs.orchestrator import run_pipeline
-    from jobs.serve_cmd import curl_example
+    from jobs.cluster import connect
+    from jobs.common import curl_example, quiet_ray_data
 
     settings = Settings()
     cfg = config_from_args(args, settings)
     # `ray job submit` puts the driver in the cluster through RAY_ADDRESS.
-    address = args.address or settings.ray_address or os.environ.get("RAY_ADDRESS")
-    serving.start_ray(address, fast_ingress=settings.serve_fast_ingress, num_cpus=None if address else LOCAL_CPUS)
+    address = args.address or settings.ray_address
+    serve = cfg.serve_config()
+    own = connect(address, num_cpus=LOCAL_CPUS, fast_ingress=settings.serve_fast_ingress, serve_port=serve.port)
     # After ray.init, which installs its own SIGTERM handler (a stack dump and abort).
     signal.signal(signal.SIGTERM, _interrupt)
-    own = address is None
     try:
         quiet_ray_data()
         report = run_pipeline(cfg)
@@ -84,11 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print("stopping")
     finally:
         if own:  # a local Ray ends with us; on a cluster the students stay served
-            serving.shutdown(cfg.serve_config(), own_cluster=True)
-        else:
-            import ray
-
-            ray.shutdown()
+            undeploy(cfg.serve_config(), all_of_serve=True)
+        ray.shutdown()
     return 0
 
 

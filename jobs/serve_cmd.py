@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import signal
 import time
 from pathlib import Path
 
+from exfm_ray.configbase import read_yaml
 from exfm_ray.errors import ConfigError
 from exfm_ray.serving.config import ServeConfig
+from jobs.common import curl_example
 from jobs.settings import Settings
 
 
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings) -> ServeConfig:
-    data = load_yaml(args.config) if args.config else {}
+    data = read_yaml(args.config) if args.config else {}
     data.setdefault("store_root", str(settings.storage))
     for key, value in (("store_root", args.store), ("host", args.host), ("port", args.port)):
         if value is not None:
@@ -35,8 +35,11 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> ServeConfi
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from exfm_ray.serving.deploy import deploy, undeploy
     from exfm_ray.students.store import StudentStore
-    from jobs import serving
+    from jobs.cluster import connect
 
     settings = Settings()
     cfg = config_from_args(args, settings)
@@ -49,12 +52,11 @@ def run(args: argparse.Namespace) -> int:
     tenants = store.tenants()
     if not tenants:
         raise ConfigError(f"no published student under {cfg.store_root}/students (train students, or pass --demo)")
-    address = args.address or settings.ray_address
-    serving.start_ray(address, fast_ingress=settings.serve_fast_ingress)
+    own = connect(args.address or settings.ray_address, fast_ingress=settings.serve_fast_ingress, serve_port=cfg.port)
     # After ray.init, which installs its own SIGTERM handler (a stack dump and abort).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        url = serving.deploy(cfg)
+        url = deploy(cfg)
         print(f"serving {len(tenants)} tenant(s) ({', '.join(tenants)}) at {url}")
         print(f"API docs: {url}/docs")
         print(f"try:  {curl_example(url, store, tenants[0])}")
@@ -64,30 +66,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping")
     finally:
-        serving.shutdown(cfg, own_cluster=address is None)
+        undeploy(cfg, all_of_serve=own)
+        ray.shutdown()
     return 0
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def curl_example(url: str, store, tenant: str) -> str:
-    from exfm_ray.serving.demo import example_rows
-
-    body = json.dumps({"rows": example_rows(store.latest_meta(tenant), 1)})
-    return (
-        f"curl -s -X POST {url}/v1/tenants/{tenant}/predict -H 'Content-Type: application/json' -d {shlex.quote(body)}"
-    )
-
-
-def load_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of ServeConfig fields")
-    return data

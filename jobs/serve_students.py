@@ -1,6 +1,6 @@
 """Deploy the student service to a running cluster, for `ray job submit`; the app outlives the job.
 
-    RAY_SERVE_ENABLE_HA_PROXY=1 ... ray start --head          # Serve settings: see jobs/serving.py
+    RAY_SERVE_ENABLE_HA_PROXY=1 ... ray start --head          # Serve settings: see jobs/cluster.py
     ray job submit --working-dir . -- python -m jobs.serve_students --config my_serve.yaml
 
 `--config` is a ServeConfig YAML; `--store` overrides its store_root (a path every node mounts).
@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from jobs import serving
+    from exfm_ray.serving.deploy import deploy
+    from jobs.cluster import try_connect
 
-    # Inside `ray job submit` RAY_ADDRESS names the cluster; "auto" finds it.
-    ray.init(address=settings.ray_address or "auto", log_to_driver=False)
+    if not try_connect(settings.ray_address):  # inside `ray job submit` RAY_ADDRESS names the cluster
+        print("serve_students: error: no running Ray cluster to deploy to", file=sys.stderr)
+        return 2
     try:
-        print(f"deployed: {serving.deploy(cfg)}")
+        print(f"deployed: {deploy(cfg)}")
     finally:
         ray.shutdown()  # disconnect only: Serve keeps the application running
     return 0

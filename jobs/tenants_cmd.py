@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from exfm_ray.errors import ConfigError
@@ -43,26 +42,12 @@ def storage_of(args) -> Path:
 
 
 def tenant_config(name: str, path: Path | None) -> dict:
-    from jobs.serve_cmd import load_yaml
+    from exfm_ray.configbase import read_yaml
 
-    data = load_yaml(path) if path else {}
+    data = read_yaml(path) if path else {}
     if data.get("name", name) != name:
         raise ConfigError(f"{path}: field 'name' is {data['name']!r} but the command names tenant {name!r}")
     return {**data, "name": name}
-
-
-def validate(cfg: dict, storage: Path, stream: Path | None, source: str):
-    """Parse and check a tenant config against the augmented stream (or --stream) before anything runs."""
-    from exfm_ray.das.store import AugmentedStore
-    from exfm_ray.data.stream import read_spec
-    from exfm_ray.tenants.config import TenantConfig, resolve
-
-    tenant = TenantConfig.parse(cfg, source=source)
-    spec = AugmentedStore(storage).spec() or (read_spec(stream) if stream else None)
-    if spec is None:
-        raise ConfigError(f"nothing augmented in {storage} yet: pass --stream to check the tenant against the stream")
-    resolve(tenant, spec)
-    return tenant
 
 
 def _manager(args):
@@ -77,6 +62,7 @@ def _manager(args):
 def run_add(args: argparse.Namespace) -> int:
     import ray
 
+    from exfm_ray.tenants.checks import validate
     from exfm_ray.tenants.registry import TenantRegistry
 
     storage = storage_of(args)
@@ -111,43 +97,9 @@ def run_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def tenant_rows(storage: Path) -> list[dict]:
-    from exfm_ray.students.store import StudentStore
-    from exfm_ray.tenants.registry import TenantRegistry
-
-    registry, store = TenantRegistry(storage), StudentStore(storage)
-    out = []
-    for name, entry in sorted(registry.entries().items()):
-        history = registry.read_json(registry.metrics_path(name)) or []
-        progress = registry.read_json(registry.progress_path(name)) or {}
-        pub = store.latest(name)
-        last = history[-1] if history else {}
-        out.append(
-            {
-                "tenant": name,
-                "status": entry.status,
-                "run": entry.run_name,
-                "rows_from": entry.config.rows or [name],
-                "variant": entry.config.variant,
-                "student_size": entry.config.student.size,
-                "workers": entry.config.workers,
-                "windows_trained": len(history),
-                "last_window": last.get("window"),
-                "last_ne": last.get("ne"),
-                "last_auc": last.get("auc"),
-                "served_version": pub.version if pub else None,
-                "guard": entry.config.guard,
-                "serving": last.get("guard_choice"),
-                "guard_reason": last.get("guard_reason"),
-                "last_control_ne": last.get("control_ne"),
-                "phase": progress.get("phase"),
-                "progress_age_s": round(time.time() - progress["updated_at"], 1) if progress else None,
-            }
-        )
-    return out
-
-
 def run_list(args: argparse.Namespace) -> int:
+    from exfm_ray.tenants.status import tenant_rows
+
     rows = tenant_rows(storage_of(args))
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exfm_ray.errors import ConfigError, ExfmError
+from exfm_ray.errors import ConfigError
 from jobs.settings import Settings
 
 
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def parse_window_range(text: str, follow: bool) -> tuple[int, int | None]:
-    from jobs.augment_cmd import parse_windows
+    from jobs.common import parse_windows
 
     if text.endswith(":") and follow:
         return parse_windows(text[:-1])[0], None
@@ -37,31 +37,10 @@ def parse_window_range(text: str, follow: bool) -> tuple[int, int | None]:
     return windows[0], windows[-1]
 
 
-def check_ready(storage: Path, first: int, last: int | None, follow: bool) -> list[str]:
-    """Refuse early, naming what is missing; returns the active tenants."""
-    from exfm_ray.das.store import AugmentedStore
-    from exfm_ray.tenants.config import resolve
-    from exfm_ray.tenants.registry import TenantRegistry
-
-    active = TenantRegistry(storage).active()
-    if not active:
-        raise ConfigError(f"no tenants registered in {storage}: exfm tenants add NAME [--config tenant.yaml]")
-    store = AugmentedStore(storage)
-    spec = store.spec()
-    if spec is not None:
-        for entry in active:
-            resolve(entry.config, spec)
-    if not follow:
-        missing = [t for t in range(first, (last or first) + 1) if t not in store.records()]
-        if missing:
-            raise ConfigError(
-                f"augmented windows {missing} are not committed in {storage}: run exfm augment, or --follow"
-            )
-    return [e.config.name for e in active]
-
-
 def run(args: argparse.Namespace) -> int:
     from actors.tenant_manager import TenantManagerConfig
+    from exfm_ray.tenants.checks import check_ready
+    from exfm_ray.tenants.report import write_storage_report
     from jobs.cluster import connect
 
     storage = (args.storage or Settings().storage).resolve()
@@ -73,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TenantManagerConfig(storage=str(storage), max_concurrent=args.max_concurrent)
     status = train_tenants(cfg, first, last, args.follow, show_progress=not args.no_progress)
     out = args.out or storage / "reports" / "train"
-    paths = write_tenant_report(storage, out, list(status["runs"]) or tenants)
+    paths = write_storage_report(storage, out, list(status["runs"]) or tenants)
     print(paths["markdown"].read_text())
     print(f"metrics: {paths['json']}\nplot: {paths['plot']}")
     failed = {n: r.get("error") for n, r in status["runs"].items() if r["status"] == "failed"}
@@ -87,6 +66,7 @@ def train_tenants(cfg, first: int, last: int | None, follow: bool, show_progress
     import ray
 
     from actors.launch import start_tenant_manager
+    from exfm_ray.tenants.status import TenantBars
 
     manager = start_tenant_manager(cfg)
     try:
@@ -100,49 +80,3 @@ def train_tenants(cfg, first: int, last: int | None, follow: bool, show_progress
         return status
     finally:
         ray.kill(manager)
-
-
-class TenantBars:
-    """One tqdm bar per tenant, in windows, fed from the tenants' progress and metrics files."""
-
-    def __init__(self, storage, first: int, last: int | None, enabled: bool = True):
-        from exfm_ray.tenants.registry import TenantRegistry
-
-        self.registry = TenantRegistry(storage)
-        self.first, self.last = first, last
-        self.enabled = enabled
-        self.bars: dict = {}
-
-    def update(self, status: dict) -> None:
-        from tqdm import tqdm
-
-        if not self.enabled:
-            return
-        for name, run in status["runs"].items():
-            if name not in self.bars:
-                total = None if self.last is None else self.last - self.first + 1
-                self.bars[name] = tqdm(total=total, desc=f"{name:<12}", unit="window", position=len(self.bars))
-            bar = self.bars[name]
-            history = self.registry.read_json(self.registry.metrics_path(name)) or []
-            done = sum(1 for r in history if r["window"] >= self.first)
-            bar.update(done - bar.n)
-            progress = self.registry.read_json(self.registry.progress_path(name)) or {}
-            last = history[-1] if history else {}
-            ne = f"NE {last['ne']:.4f}" if isinstance(last.get("ne"), float) else ""
-            phase = run["status"] if run["status"] != "running" else progress.get("phase", "starting")
-            bar.set_postfix_str(f"{phase} {ne}".strip(), refresh=True)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def write_tenant_report(storage: Path, out: Path, tenants: list[str]) -> dict:
-    from exfm_ray.tenants.registry import TenantRegistry
-    from exfm_ray.tenants.report import write_report
-
-    registry = TenantRegistry(storage)
-    histories = {n: registry.read_json(registry.metrics_path(n)) or [] for n in tenants}
-    if not any(histories.values()):
-        raise ExfmError("no tenant trained a window; see the errors above")
-    return write_report(histories, out)

@@ -195,3 +195,36 @@ async def concurrent(
 def _check(reply: Reply) -> None:
     if reply.status != 200:
         raise RuntimeError(f"benchmark request failed: {reply.status} {reply.body[:200]!r}")
+
+
+def post_until(url: str, body: dict, *, accept=None, timeout_s: float = 60.0, every_s: float = 0.2) -> dict:
+    """POST until the server answers 200 with a JSON body `accept` approves; returns that body.
+
+    For a service that is starting or hot-reloading: refused connections and non-200 answers are
+    retried until `timeout_s`, then the last answer is reported (RuntimeError: the system's failure).
+    """
+
+    async def once() -> Reply:
+        conn = Connection(url)
+        try:
+            return await conn.request(post_request(url, body))
+        finally:
+            conn.close()
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            reply = asyncio.run(once())
+            if reply.status == 200:
+                answer = reply.json()
+                if accept is None or accept(answer):
+                    return answer
+                last = f"200 {str(answer)[:300]}"
+            else:
+                last = f"HTTP {reply.status}: {reply.body[:300]!r}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"POST {url}: no accepted answer within {timeout_s:.0f} s (last: {last})")
+        time.sleep(every_s)

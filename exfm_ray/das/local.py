@@ -17,7 +17,7 @@ from exfm_ray.das.columns import attach, first_occurrence, label_table
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.fm.labels import FMLabels
 from exfm_ray.fm.model import FoundationModel, build_fm
-from exfm_ray.fm.registry import FMVersion
+from exfm_ray.fm.registry import FMVersion, fm_window_for
 from exfm_ray.schema import StreamSpec, validate_features
 
 
@@ -124,7 +124,6 @@ def augment_stream_locally(stream, storage, fm_cfg, *, fm_delay: int = 1, seed: 
     every window is committed to the AugmentedStore like the DAS would."""
     from exfm_ray.fm.learner import FMLearner
 
-    assert fm_delay >= 1, "fm_delay 0 would label a window with an FM trained on it"
     spec = stream.spec
     torch.manual_seed(seed)
     fm = build_fm(spec, fm_cfg)
@@ -132,8 +131,8 @@ def augment_stream_locally(stream, storage, fm_cfg, *, fm_delay: int = 1, seed: 
     done = []
     for t, table in enumerate(stream.windows):
         labeler: SoftLabeler = _NoFM()
-        k = t - fm_delay
-        if k >= 0:
+        k = fm_window_for(t, fm_delay)
+        if k is not None:
             learner.train_window(WindowTensors(stream.windows[k], spec))
             watermark = int(stream.windows[k].column("event_time").to_numpy().max())
             version = FMVersion(version=f"local-{k:04d}", path="", watermark=watermark, through_window=k,

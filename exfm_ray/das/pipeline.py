@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +38,7 @@ from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermar
 from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
 from exfm_ray.das.window_log import record_metrics
 from exfm_ray.data.stream import read_spec, window_dir
+from exfm_ray.errors import FMUnavailable
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
 from exfm_ray.schema import StreamSpec
@@ -60,9 +60,11 @@ class AugmentConfig(Config):
     max_wait_s: float = Field(120.0, ge=0, description="How long a batch waits for an unavailable FM before "
                               "its rows are emitted with the FM mask off.")  # fmt: skip
     labels: LabelJoinConfig | None = Field(None, description="Delayed-label stream; None: labels are in the rows.")
-    fault_injection: Literal["after_fm_pass", "after_write"] | None = Field(
-        None, description="Tests only: end the process at this point of a window to simulate a crash."
-    )
+
+
+# A test seam, not configuration: a crash test sets it in the process it is about to kill, to end
+# that process at this point of a window ("after_fm_pass" or "after_write").
+CRASH_AT: str | None = None
 
 
 class Augmenter:
@@ -154,7 +156,7 @@ class Augmenter:
 
         fm_jobs = []
         for job in jobs:
-            staged = self._fm_labels_path(job.t)
+            staged = self.fm_labels_path(job.t)
             if staged.exists():  # FM outputs of an earlier run that waited for delayed labels
                 finished(job, job.finish_with(pq.read_table(staged), stage=False))
             elif job.table.num_rows == 0:
@@ -223,7 +225,7 @@ class Augmenter:
         record = job.record(since=self._last_commit)  # a window's time starts at the previous commit
         self.store.commit(job.t, job.staged.parent, record, self.spec)
         record_metrics(record)
-        self._fm_labels_path(job.t).unlink(missing_ok=True)
+        self.fm_labels_path(job.t).unlink(missing_ok=True)
         self._last_commit = time.perf_counter()
         self._phase("commit", mark)
         return {"window": job.t, "status": "committed", "record": record}
@@ -231,12 +233,12 @@ class Augmenter:
     def _group_version(self) -> FMVersion:
         import ray
 
-        from exfm_ray.fm.registry import FMRegistry
+        version = ray.get(self.group.status.remote()).version
+        if version is None:
+            raise FMUnavailable(f"FM group {self.cfg.group_name!r} holds no FM version yet")
+        return version
 
-        status = ray.get(self.group.status.remote())
-        return FMRegistry(self.cfg.storage).get(status["version"])
-
-    def _fm_labels_path(self, t: int) -> Path:
+    def fm_labels_path(self, t: int) -> Path:
         return self.store.root / "_fm" / f"window={t}" / "labels.parquet"
 
     def _phase(self, name: str, since: float) -> None:
@@ -326,12 +328,12 @@ class _WindowJob:
     def close(self, stage: bool) -> dict | None:
         """End of the window's rows: stage FM outputs (waiting for labels) or close the file.
         Returns the result of a waiting window, None for a window ready to commit."""
-        if self.aug.cfg.fault_injection == "after_fm_pass":
+        if CRASH_AT == "after_fm_pass":
             _crash()
         self.table = None  # every row has come back: free the window's input
         if self.waiting:
             if stage and self.labels:
-                path = self.aug._fm_labels_path(self.t)
+                path = self.aug.fm_labels_path(self.t)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(pa.concat_tables(self.labels), path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").rename(path)
@@ -339,7 +341,7 @@ class _WindowJob:
         self._flush()
         if self.writer is not None:
             self.writer.close()
-        if self.aug.cfg.fault_injection == "after_write":
+        if CRASH_AT == "after_write":
             _crash()
         return None
 

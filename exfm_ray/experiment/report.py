@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from exfm_ray.experiment.guarded import BASE_RATE, worst_excess  # noqa: E402
 from exfm_ray.experiment.runner import mean_std  # noqa: E402
 from exfm_ray.metrics import transfer_ratio  # noqa: E402
+from exfm_ray.numbers import fmt  # noqa: E402
 from exfm_ray.students.config import DEFAULT_VARIANT  # noqa: E402
 
 BASELINE = "vm_only"
@@ -161,9 +162,9 @@ def markdown(results: dict) -> str:
         change = r.get("ne_change_vs_vm_only_pct")
         name = f"**{v}** (default)" if v == default else v
         lines.append(
-            f"| {name} | {_f(r['ne_mean'])} | {_f(r['ne_std'])} | {_f(change, '+.2f')}% | "
-            f"{_f(r.get('worst_window_vs_vm_only_pct'), '+.2f')}% | {_f(r.get('transfer_ratio'), '.2f')} | "
-            f"{_f(r['auc_mean'])} | {_f(r['calibration_mean'], '.3f')} |"
+            f"| {name} | {fmt(r['ne_mean'])} | {fmt(r['ne_std'])} | {fmt(change, '+.2f')}% | "
+            f"{fmt(r.get('worst_window_vs_vm_only_pct'), '+.2f')}% | {fmt(r.get('transfer_ratio'), '.2f')} | "
+            f"{fmt(r['auc_mean'])} | {fmt(r['calibration_mean'], '.3f')} |"
         )
     tenants = sorted({t for v in results["per_tenant"].values() for t in v})
     lines += ["", "Per tenant, NE mean over seeds (TR in brackets):", "", "| variant | " + " | ".join(tenants) + " |"]
@@ -178,7 +179,7 @@ def markdown(results: dict) -> str:
             "",
             f"Guard (`{guard['variant']}`): served {share} of tenant-windows after warm-up; worst excess over "
             f"vm_only over any {guard['trailing_windows_compared']} consecutive windows "
-            f"{_f(guard['worst_excess_vs_control_pct'], '+.2f')}%.",
+            f"{fmt(guard['worst_excess_vs_control_pct'], '+.2f')}%.",
         ]
     for store in results.get("loopfm_store", [])[:1]:
         entities = sum(store["entities"].values())
@@ -197,11 +198,7 @@ def _tenant_cell(cell: dict | None) -> str:
     if not cell:
         return "-"
     tr = cell.get("transfer_ratio")
-    return _f(cell["ne_mean"]) + (f" ({_f(tr, '.2f')})" if tr is not None and not math.isnan(tr) else "")
-
-
-def _f(x: float | None, fmt: str = ".4f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+    return fmt(cell["ne_mean"]) + (f" ({fmt(tr, '.2f')})" if tr is not None and not math.isnan(tr) else "")
 
 
 def _order(summary: dict) -> list[str]:

@@ -23,6 +23,7 @@ from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.guarded import CONTROL, base_rate_records, guarded_records
 from exfm_ray.fm.learner import FMLearner, head_logit
 from exfm_ray.fm.model import build_fm, count_parameters
+from exfm_ray.fm.registry import window_labeled_by
 from exfm_ray.loopfm.replay import attach_histories
 from exfm_ray.metrics import evaluate
 from exfm_ray.students.config import DEFAULT_VARIANT, variant
@@ -122,7 +123,7 @@ def _fm_labels(
     hidden: list[torch.Tensor | None] = [None] * len(full)
     for k, rows in enumerate(full):
         learner.train_window(rows)
-        target = k + cfg.fm_delay
+        target = window_labeled_by(k, cfg.fm_delay)
         if target < len(full):
             labels[target], h = learner.predict(full[target])
             hidden[target] = h if keep_hidden else None

@@ -27,9 +27,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from exfm_ray.data.stream import Stream  # noqa: E402
 from exfm_ray.errors import ConfigError  # noqa: E402
 from exfm_ray.experiment.config import SWEEPS, ExperimentConfig  # noqa: E402
-from exfm_ray.experiment.report import _f, summarize, variants_of  # noqa: E402
+from exfm_ray.experiment.report import summarize, variants_of  # noqa: E402
 from exfm_ray.experiment.runner import run_experiment  # noqa: E402
 from exfm_ray.files import json_safe  # noqa: E402
+from exfm_ray.numbers import fmt  # noqa: E402
 from exfm_ray.students.config import DEFAULT_VARIANT  # noqa: E402
 
 Point = tuple[str, ExperimentConfig]
@@ -122,11 +123,11 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         line = (
-            f"| {r['point']} | {r['variant']} | {_f(r['ne_mean'])} | {_f(r['ne_std'])} | "
-            f"{_f(r['ne_change_vs_vm_only_pct'], '+.2f')}% | {_f(r['worst_window_vs_vm_only_pct'], '+.2f')}% | "
-            f"{_f(r['transfer_ratio'], '.2f')} | {_f(r['calibration_mean'], '.3f')} |"
+            f"| {r['point']} | {r['variant']} | {fmt(r['ne_mean'])} | {fmt(r['ne_std'])} | "
+            f"{fmt(r['ne_change_vs_vm_only_pct'], '+.2f')}% | {fmt(r['worst_window_vs_vm_only_pct'], '+.2f')}% | "
+            f"{fmt(r['transfer_ratio'], '.2f')} | {fmt(r['calibration_mean'], '.3f')} |"
         )
-        lines.append(line + (f" {_f(r.get('biased_tenant_ne'))} |" if bias else ""))
+        lines.append(line + (f" {fmt(r.get('biased_tenant_ne'))} |" if bias else ""))
     if result["leaky_points"]:
         lines += ["", f"**{', '.join(result['leaky_points'])}: leaky oracle (the FM trained on the window it "
                   "labels): a diagnostic, never a result.**"]  # fmt: skip

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from exfm_ray.data.batching import Batch, WindowTensors
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.optim import SplitOptimizer
 from exfm_ray.priors import base_rate, prior_logit
-from exfm_ray.students.losses import bce
 
 
 def head_logit(logits: torch.Tensor, tenant: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class FMLearner:
     def step(self, batch: Batch) -> float:
         self.model.train()
         out = self.model(batch.sparse, batch.dense)
-        loss = bce(head_logit(out.logits, batch.tenant), batch.label).mean()
+        loss = F.binary_cross_entropy_with_logits(head_logit(out.logits, batch.tenant), batch.label)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()

@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 import torch
 import torchrec.optim as trec_optim
-import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -52,7 +51,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from exfm_ray.configbase import Config
+from exfm_ray.configbase import Config, read_yaml
 from exfm_ray.errors import ConfigError
 from exfm_ray.fm.model import FMConfig, FoundationModel, count_parameters
 from exfm_ray.fm.planner_hooks import DATA_PARALLEL_NOISE, CaptureStats, drop_root_warnings
@@ -144,13 +143,7 @@ class PlanSpec(Config):
 
 def load_tables(path: str | Path) -> list[dict[str, Any]]:
     """Read a table list from YAML or JSON: a list of {name, rows, dim?}, or a mapping with key `tables`."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+    data = read_yaml(path, expect=object)
     if isinstance(data, dict) and set(data) == {"tables"}:
         data = data["tables"]
     if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
@@ -249,93 +242,13 @@ def fm_table_layout(spec: PlanSpec, embedding_params: int) -> list[TableSpec]:
 def plan_fm(spec: PlanSpec) -> PlanReport:
     """Run TorchRec's planner for `spec` on a simulated topology. Never raises for a plan that does not fit."""
     start = time.perf_counter()
-    meta = torch.device("meta")
-
-    def ebc_configs(tables: list[TableSpec]) -> list[EmbeddingBagConfig]:
-        return [
-            EmbeddingBagConfig(
-                name=f"t_{t.name}",
-                embedding_dim=t.dim or spec.embedding_dim,
-                num_embeddings=t.rows,
-                feature_names=[t.name],
-            )
-            for t in tables
-        ]
-
-    def build(tables: list[TableSpec]) -> torch.nn.Module:
-        dims = {t.dim or spec.embedding_dim for t in tables}
-        if len(dims) > 1:  # the FM concatenates equal-dim vectors; mixed dims can only be planned as a bare EBC
-            return EmbeddingBagCollection(tables=ebc_configs(tables), device=meta)
-        cfg = FMConfig(embedding_dim=dims.pop())
-        return FoundationModel(ebc_configs(tables), NUM_DENSE_FEATURES, ["tenant"], cfg, device=meta)
-
-    if spec.tables is not None:
-        table_specs = list(spec.tables)
-    else:
-        # The dense part depends on the number of tables and the dim only: size it on 1-row tables.
-        stub = [TableSpec(name=t.name, rows=1, dim=t.dim) for t in fm_table_layout(spec, spec.num_tables)]
-        probe = build(stub)
-        dense = count_parameters(probe) - sum(t.dim for t in stub)
-        target = int(spec.fm_params) - dense
-        if target < spec.num_tables * spec.embedding_dim:
-            raise ConfigError(f"field 'fm_params': {spec.fm_params:.3g} is smaller than the FM's dense part ({dense})")
-        table_specs = fm_table_layout(spec, target)
-
-    model = build(table_specs)
+    model, table_specs = _meta_model(spec)
     ebc = model.ebc if isinstance(model, FoundationModel) else model
-    optimizer_class = _optimizer_class(spec.optimizer)
-    apply_optimizer_in_backward(optimizer_class, ebc.parameters(), {"lr": 0.01})
+    apply_optimizer_in_backward(_optimizer_class(spec.optimizer), ebc.parameters(), {"lr": 0.01})
     embedding_params = count_parameters(ebc)
     dense_params = count_parameters(model) - embedding_params
-
-    hosts = max(1, spec.gpus // spec.local_world_size)
-    local_world_size = min(spec.local_world_size, spec.gpus)
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=spec.gpus, local_world_size=local_world_size, is_dry_run=True),
-        hardware_config=HardwareConfig(
-            hbm_cap_bytes=int(spec.hbm_gb * GiB), ddr_cap_bytes=int(spec.ddr_gb * GiB), ssd_cap_bytes=0
-        ),
-        kernel_config=KernelConfig(compute_device=spec.compute_device),
-    )
-    capture = CaptureStats()
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=spec.batch_size,
-        storage_reservation=FixedPercentageStorageReservation(spec.reserve_fraction),
-        stats=capture,
-        debug=False,
-        timeout_seconds=spec.timeout_s,
-    )
-    reason = None
-    plan_start = time.perf_counter()
-    try:
-        with drop_root_warnings(DATA_PARALLEL_NOISE):
-            planner.plan(model, [EmbeddingBagCollectionSharder()])
-        fits = True
-    except PlannerError as exc:
-        fits, reason = False, str(exc).strip()
-    planning_seconds = time.perf_counter() - plan_start
-
-    by_table = {f"t_{t.name}": TablePlan(t.name, t.rows, t.dim or spec.embedding_dim) for t in table_specs}
-    hbm = [0.0] * spec.gpus
-    ddr = [0.0] * spec.gpus
-    if fits:
-        for option in capture.best_plan:
-            table = by_table[option.name]
-            table.sharding_type, table.compute_kernel, table.shards = (
-                option.sharding_type,
-                option.compute_kernel,
-                len(option.shards),
-            )
-            for shard in option.shards:
-                assert shard.storage is not None and shard.rank is not None
-                hbm[shard.rank] += shard.storage.hbm / GiB
-                ddr[shard.rank] += shard.storage.ddr / GiB
-                table.hbm_gb += shard.storage.hbm / GiB
-                table.ddr_gb += shard.storage.ddr / GiB
-    tables = list(by_table.values())
-    for t in tables:
-        t.hbm_gb, t.ddr_gb = round(t.hbm_gb, 3), round(t.ddr_gb, 3)
+    capture, fits, reason, planning_seconds = _run_planner(spec, model)
+    tables, hbm, ddr = _placements(spec, table_specs, capture if fits else None)
 
     weight_bytes = sum(t.params for t in tables) * BYTES_PER_VALUE
     opt_bytes = sum(t.params * _state_per_weight(spec.optimizer, t.dim) for t in tables) * BYTES_PER_VALUE
@@ -350,8 +263,8 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
         embedding_params=embedding_params,
         dense_params=dense_params,
         gpus=spec.gpus,
-        hosts=hosts,
-        local_world_size=local_world_size,
+        hosts=max(1, spec.gpus // spec.local_world_size),
+        local_world_size=min(spec.local_world_size, spec.gpus),
         hbm_gb=spec.hbm_gb,
         ddr_gb=spec.ddr_gb,
         reserve_fraction=spec.reserve_fraction,
@@ -379,6 +292,97 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
         seconds=round(time.perf_counter() - start, 2),
         tables=tables,
     )
+
+
+def _meta_model(spec: PlanSpec) -> tuple[torch.nn.Module, list[TableSpec]]:
+    """The model to plan, on the meta device, and its tables (laid out to reach fm_params if asked)."""
+    meta = torch.device("meta")
+
+    def ebc_configs(tables: list[TableSpec]) -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{t.name}",
+                embedding_dim=t.dim or spec.embedding_dim,
+                num_embeddings=t.rows,
+                feature_names=[t.name],
+            )
+            for t in tables
+        ]
+
+    def build(tables: list[TableSpec]) -> torch.nn.Module:
+        dims = {t.dim or spec.embedding_dim for t in tables}
+        if len(dims) > 1:  # the FM concatenates equal-dim vectors; mixed dims can only be planned as a bare EBC
+            return EmbeddingBagCollection(tables=ebc_configs(tables), device=meta)
+        cfg = FMConfig(embedding_dim=dims.pop())
+        return FoundationModel(ebc_configs(tables), NUM_DENSE_FEATURES, ["tenant"], cfg, device=meta)
+
+    if spec.tables is not None:
+        return build(list(spec.tables)), list(spec.tables)
+    # The dense part depends on the number of tables and the dim only: size it on 1-row tables.
+    stub = [TableSpec(name=t.name, rows=1, dim=t.dim) for t in fm_table_layout(spec, spec.num_tables)]
+    dense = count_parameters(build(stub)) - sum(t.dim for t in stub)
+    target = int(spec.fm_params) - dense
+    if target < spec.num_tables * spec.embedding_dim:
+        raise ConfigError(f"field 'fm_params': {spec.fm_params:.3g} is smaller than the FM's dense part ({dense})")
+    table_specs = fm_table_layout(spec, target)
+    return build(table_specs), table_specs
+
+
+def _run_planner(spec: PlanSpec, model: torch.nn.Module) -> tuple[CaptureStats, bool, str | None, float]:
+    """TorchRec's planner on the simulated topology: (its captured stats, fits, why not, seconds)."""
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=spec.gpus, local_world_size=min(spec.local_world_size, spec.gpus), is_dry_run=True
+        ),
+        hardware_config=HardwareConfig(
+            hbm_cap_bytes=int(spec.hbm_gb * GiB), ddr_cap_bytes=int(spec.ddr_gb * GiB), ssd_cap_bytes=0
+        ),
+        kernel_config=KernelConfig(compute_device=spec.compute_device),
+    )
+    capture = CaptureStats()
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=spec.batch_size,
+        storage_reservation=FixedPercentageStorageReservation(spec.reserve_fraction),
+        stats=capture,
+        debug=False,
+        timeout_seconds=spec.timeout_s,
+    )
+    reason = None
+    began = time.perf_counter()
+    try:
+        with drop_root_warnings(DATA_PARALLEL_NOISE):
+            planner.plan(model, [EmbeddingBagCollectionSharder()])
+        fits = True
+    except PlannerError as exc:
+        fits, reason = False, str(exc).strip()
+    return capture, fits, reason, time.perf_counter() - began
+
+
+def _placements(
+    spec: PlanSpec, table_specs: list[TableSpec], capture: CaptureStats | None
+) -> tuple[list[TablePlan], list[float], list[float]]:
+    """Per table: sharding, kernel, shards and memory; per rank: HBM and DDR in GB (zeros without a plan)."""
+    by_table = {f"t_{t.name}": TablePlan(t.name, t.rows, t.dim or spec.embedding_dim) for t in table_specs}
+    hbm = [0.0] * spec.gpus
+    ddr = [0.0] * spec.gpus
+    for option in capture.best_plan if capture is not None else []:
+        table = by_table[option.name]
+        table.sharding_type, table.compute_kernel, table.shards = (
+            option.sharding_type,
+            option.compute_kernel,
+            len(option.shards),
+        )
+        for shard in option.shards:
+            assert shard.storage is not None and shard.rank is not None
+            hbm[shard.rank] += shard.storage.hbm / GiB
+            ddr[shard.rank] += shard.storage.ddr / GiB
+            table.hbm_gb += shard.storage.hbm / GiB
+            table.ddr_gb += shard.storage.ddr / GiB
+    tables = list(by_table.values())
+    for t in tables:
+        t.hbm_gb, t.ddr_gb = round(t.hbm_gb, 3), round(t.ddr_gb, 3)
+    return tables, hbm, ddr
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -106,6 +106,19 @@ class FMRegistry:
         return max(ok, key=lambda v: v.watermark) if ok else None
 
 
+def fm_window_for(t: int, delay: int) -> int | None:
+    """The streaming protocol's one rule: window t is labeled by the FM trained through window
+    t - delay (its labels arrive `delay` windows late); None while no such FM can exist."""
+    if delay < 1:
+        raise ValueError(f"fm_delay must be >= 1 (got {delay}): an FM trained on window t must not label it")
+    return t - delay if t >= delay else None
+
+
+def window_labeled_by(k: int, delay: int) -> int:
+    """The window the FM trained through window k labels (the inverse of fm_window_for)."""
+    return k + delay
+
+
 def check_no_leakage(version: FMVersion, window: int, window_start: int) -> None:
     if version.watermark >= window_start:
         raise LeakageError(

@@ -1,1 +1,1 @@
-"""The whole ExFM loop as one job: its config and its report (jobs/orchestrator.py runs it)."""
+"""The whole ExFM loop as one job: its config and its report (actors/pipeline.py runs it)."""

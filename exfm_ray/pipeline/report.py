@@ -20,8 +20,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from exfm_ray.files import json_safe  # noqa: E402
 from exfm_ray.metrics import transfer_ratio  # noqa: E402
-from exfm_ray.tenants.report import _f, _ok, served_counts, summarize  # noqa: E402
+from exfm_ray.numbers import finite, fmt  # noqa: E402
 from exfm_ray.tenants.report import plot as plot_tenants  # noqa: E402
+from exfm_ray.tenants.report import served_counts, summarize  # noqa: E402
 
 
 def staleness_hours(event_time, watermark) -> tuple[float | None, float | None]:
@@ -64,12 +65,12 @@ def overall(summary: dict[str, dict]) -> dict:
     keys = ("ne_mean", "control_ne_mean", "served_ne_mean", "base_rate_ne_mean", "fm_ne_mean", "auc_mean")
     out = {}
     for k in keys:
-        vals = [s[k] for s in summary.values() if _ok(s.get(k))]
+        vals = [s[k] for s in summary.values() if finite(s.get(k))]
         out[k] = sum(vals) / len(vals) if vals else None
     tr = None
-    if all(_ok(out[k]) for k in ("ne_mean", "control_ne_mean", "fm_ne_mean")):
+    if all(finite(out[k]) for k in ("ne_mean", "control_ne_mean", "fm_ne_mean")):
         tr = transfer_ratio(out["control_ne_mean"], out["ne_mean"], out["fm_ne_mean"])
-    out["transfer_ratio"] = tr if _ok(tr) else None
+    out["transfer_ratio"] = tr if finite(tr) else None
     served: dict[str, int] = {}
     for s in summary.values():
         for c, n in (s.get("served") or {}).items():
@@ -112,11 +113,11 @@ def markdown(report: dict) -> str:
     rows = [*sorted(report["tenants"].items()), ("all tenants", report["all_tenants"])]
     for name, s in rows:
         ne, alone = s["ne_mean"], s["control_ne_mean"]
-        change = f"{100 * (ne - alone) / alone:+.2f}%" if _ok(ne) and _ok(alone) else "n/a"
+        change = f"{100 * (ne - alone) / alone:+.2f}%" if finite(ne) and finite(alone) else "n/a"
         lines.append(
-            f"| {name} | {_f(ne)} | {_f(alone)} | {change} | {_f(s.get('served_ne_mean'))} | "
-            f"{served_counts(s.get('served') or {})} | {_f(s['fm_ne_mean'])} | {_f(s.get('transfer_ratio'), '.2f')} "
-            f"| {_f(s['auc_mean'])} |"
+            f"| {name} | {fmt(ne)} | {fmt(alone)} | {change} | {fmt(s.get('served_ne_mean'))} | "
+            f"{served_counts(s.get('served') or {})} | {fmt(s['fm_ne_mean'])} | {fmt(s.get('transfer_ratio'), '.2f')} "
+            f"| {fmt(s['auc_mean'])} |"
         )
     lines += ["", "Per window (`ne_per_window.png`), NE of ExFM / alone / FM, and the model served:", "",
               "| window | " + " | ".join(sorted(report["windows"])) + " |"]  # fmt: skip
@@ -127,7 +128,7 @@ def markdown(report: dict) -> str:
         for tenant in sorted(report["windows"]):
             r = next((x for x in report["windows"][tenant] if x["window"] == t), {})
             served = f", served {r['served']}" if r.get("served") else ""
-            cells.append(f"{_f(r.get('ne'))} / {_f(r.get('control_ne'))} / {_f(r.get('fm_ne'))}{served}")
+            cells.append(f"{fmt(r.get('ne'))} / {fmt(r.get('control_ne'))} / {fmt(r.get('fm_ne'))}{served}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -137,8 +138,8 @@ def markdown(report: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["system"]:
-        stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r.items() if k.endswith("_s") and _ok(v))
-        stale = f"{_f(r['staleness_h'], '.1f')} / {_f(r['staleness_p90_h'], '.1f')}"
+        stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r.items() if k.endswith("_s") and finite(v))
+        stale = f"{fmt(r['staleness_h'], '.1f')} / {fmt(r['staleness_p90_h'], '.1f')}"
         lines.append(
             f"| {r['window']} | {r['tenant_rows']} | {r['fm_calls']} | {r['fm_calls_per_row']:.3f} | "
             f"{r['masked_rows']} | {stale} | {stages} |"
@@ -154,8 +155,8 @@ def markdown(report: dict) -> str:
         ]
         for tenant, s in sorted(serving.get("tenants", {}).items()):
             lines.append(
-                f"| {tenant} | {s['version']} | {_f(s['p50_ms'], '.2f')} | {_f(s['p99_ms'], '.2f')} | "
-                f"{_f(s['max_abs_diff'], '.2e')} |"
+                f"| {tenant} | {s['version']} | {fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} | "
+                f"{fmt(s['max_abs_diff'], '.2e')} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -166,7 +167,7 @@ def plot_system(system: list[dict], path: Path) -> Path:
     axes[0].bar(ws, [r["fm_calls_per_row"] for r in system], color="tab:blue")
     axes[0].set_title("FM calls per tenant row")
     axes[0].set_ylim(0, 1.05)
-    stale = [(r["window"], r["staleness_h"]) for r in system if _ok(r["staleness_h"])]
+    stale = [(r["window"], r["staleness_h"]) for r in system if finite(r["staleness_h"])]
     axes[1].plot([w for w, _ in stale], [s for _, s in stale], marker="o")
     axes[1].set_title("FM staleness (h): row time - FM watermark")
     stages = sorted({k for r in system for k in r if k.endswith("_s")})

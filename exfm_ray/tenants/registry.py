@@ -101,6 +101,14 @@ class TenantRegistry:
             data[name] = data[name].replace(status="removed", updated_at=time.time())
             return data[name]
 
+    def history(self, name: str) -> list[dict]:
+        """The tenant's per-window metrics, oldest first (empty before its first window)."""
+        return self.read_json(self.metrics_path(name)) or []
+
+    def progress(self, name: str) -> dict:
+        """What the tenant's run is doing now (empty before it starts)."""
+        return self.read_json(self.progress_path(name)) or {}
+
     def read_json(self, path: Path) -> dict | list | None:
         try:
             return json.loads(path.read_text())

@@ -4,7 +4,6 @@ NE per window per tenant (with the student trained without the FM and the FM its
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from exfm_ray.files import json_safe  # noqa: E402
 from exfm_ray.metrics import transfer_ratio  # noqa: E402
+from exfm_ray.numbers import finite, fmt  # noqa: E402
 from exfm_ray.students.guard import CANDIDATES  # noqa: E402
 
 
@@ -41,9 +41,9 @@ def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, di
             "serving_now": history[-1].get("guard_choice") if history else None,
         }
         tr = None
-        if _ok(s["control_ne_mean"]) and _ok(s["ne_mean"]) and _ok(s["fm_ne_mean"]):
+        if finite(s["control_ne_mean"]) and finite(s["ne_mean"]) and finite(s["fm_ne_mean"]):
             tr = transfer_ratio(s["control_ne_mean"], s["ne_mean"], s["fm_ne_mean"])
-        s["transfer_ratio"] = tr if _ok(tr) else None
+        s["transfer_ratio"] = tr if finite(tr) else None
         out[tenant] = s
     return out
 
@@ -60,11 +60,11 @@ def markdown(summary: dict[str, dict], warmup: int) -> str:
     ]
     for tenant, s in sorted(summary.items()):
         ne, alone = s["ne_mean"], s["control_ne_mean"]
-        change = f"{100 * (ne - alone) / alone:+.2f}%" if _ok(ne) and _ok(alone) else "n/a"
+        change = f"{100 * (ne - alone) / alone:+.2f}%" if finite(ne) and finite(alone) else "n/a"
         lines.append(
-            f"| {tenant} | {s['windows']} | {_f(ne)} | {_f(alone)} | {change} | {_f(s.get('served_ne_mean'))} "
-            f"| {served_counts(s.get('served') or {})} | {_f(s['fm_ne_mean'])} | {_f(s.get('transfer_ratio'), '.2f')} "
-            f"| {_f(s['auc_mean'])} |"
+            f"| {tenant} | {s['windows']} | {fmt(ne)} | {fmt(alone)} | {change} | {fmt(s.get('served_ne_mean'))} "
+            f"| {served_counts(s.get('served') or {})} | {fmt(s['fm_ne_mean'])} "
+            f"| {fmt(s.get('transfer_ratio'), '.2f')} | {fmt(s['auc_mean'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -85,7 +85,7 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str = "NE per wind
             ("fm_ne", "FM", {"linestyle": ":", "color": "black"}),
             ("served_ne", "served (guard)", {"linestyle": "none", "marker": "o", "fillstyle": "none"}),
         ):
-            pts = [(r["window"], r[key]) for r in h if _ok(r.get(key))]
+            pts = [(r["window"], r[key]) for r in h if finite(r.get(key))]
             if pts:
                 ax.plot([w for w, _ in pts], [v for _, v in pts], label=label, **style)
                 shown += [v for w, v in pts if w >= 1]
@@ -120,14 +120,17 @@ def write_report(histories: dict[str, list[dict]], out_dir: Path, warmup: int = 
     return paths
 
 
-def _ok(v) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
-
-
 def _mean(values) -> float | None:
-    xs = [v for v in values if _ok(v)]
+    xs = [v for v in values if finite(v)]
     return sum(xs) / len(xs) if xs else None
 
 
-def _f(v, fmt: str = ".4f") -> str:
-    return format(v, fmt) if _ok(v) else "n/a"
+def write_storage_report(storage: Path, out: Path, tenants: list[str]) -> dict:
+    from exfm_ray.errors import PipelineFailure
+    from exfm_ray.tenants.registry import TenantRegistry
+
+    registry = TenantRegistry(storage)
+    histories = {n: registry.history(n) for n in tenants}
+    if not any(histories.values()):
+        raise PipelineFailure("no tenant trained a window; see the errors above")
+    return write_report(histories, out)

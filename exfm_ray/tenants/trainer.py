@@ -24,9 +24,18 @@ from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
+from exfm_ray.numbers import finite
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
 
 STATE_FILE = "state.pt"
+
+
+class WindowPlan(Config):
+    """Which windows a training request covers: what the tenant manager hands every run it starts."""
+
+    first_window: int = Field(0, ge=0, description="First window to train on (a resumed run starts after its last).")
+    last_window: int | None = Field(None, ge=0, description="Last window to train on; None: follow the stream.")
+    follow: bool = Field(False, description="Wait for windows the DAS has not committed yet instead of failing.")
 
 
 class TenantRunConfig(Config):
@@ -71,7 +80,7 @@ def train_loop(config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=False))
+            run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
         files.after_restore(run)
     t = max(run_cfg.first_window, run.last_window + 1)
     started = time.time()
@@ -205,7 +214,7 @@ class _TenantFiles:
             metrics={
                 k: last.get(k)
                 for k in ("ne", "auc", "calibration", "loss", "control_ne", "base_rate_ne", "served_ne")
-                if _finite(last.get(k))
+                if finite(last.get(k))
             },
             variant=cfg.variant,
             served=run.served_choice,
@@ -218,17 +227,13 @@ class _TenantFiles:
 def summary_line(tenant: str, r: dict, published: str | None) -> str:
     def f(key: str) -> str:
         v = r.get(key)
-        return f"{v:.4f}" if _finite(v) else "-"
+        return f"{v:.4f}" if finite(v) else "-"
 
     return (
         f"tenant {tenant} window {r['window']}: NE {f('ne')} (alone {f('control_ne')}, FM {f('fm_ne')}), "
         f"AUC {f('auc')}, {r['rows']} rows, {r.get('rows_per_s', 0):,.0f} rows/s, "
         f"published {published or 'nothing'} ({r.get('guard_choice', 'exfm')}: {r.get('guard_reason', '')})"
     )
-
-
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _active(registry: TenantRegistry, entry: TenantEntry) -> bool:

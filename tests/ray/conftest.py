@@ -16,7 +16,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    from jobs import serving
+    from jobs import cluster
 
     # Short: HAProxy's admin socket path (this folder + a 64-character hash) must stay under 97 characters.
     haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
@@ -26,9 +26,9 @@ def ray_cluster():
         env.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", str(haproxy / "admin.sock"))
         env.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(haproxy))
         env.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(haproxy / "server-state"))
-        for key, value in serving.FAST_INGRESS_ENV.items():
+        for key, value in cluster.FAST_INGRESS_ENV.items():
             env.setenv(key, value)
-        serving.start_ray(None, fast_ingress=True, num_cpus=8)
+        cluster.connect(None, num_cpus=8, fast_ingress=True)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

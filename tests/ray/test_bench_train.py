@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-from jobs.bench_train import run_train_bench
+from benches.train import TrainBenchConfig, run
 
 pytestmark = pytest.mark.ray
 
 
 def test_bench_train_arms_train_the_same_rows_and_figures_add_up(ray_cluster):
     lines = []
-    got = run_train_bench(rows_per_window=3000, windows=2, log=lines.append)
+    got = run(TrainBenchConfig(rows_per_window=3000, windows=2), log=lines.append)
 
     assert len(lines) == 2 and len(got["per_window"]) == 2
     for w in got["per_window"]:

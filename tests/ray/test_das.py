@@ -40,7 +40,7 @@ def world(ray_cluster, tmp_path_factory):
         FMRegistry(root), fm, stream.spec, cfg, watermark=stream.spec.window_starts[1] - 1, through_window=0
     )
     group = start_fm_group(FMGroupConfig(name=GROUP, storage=str(root), call_timeout_s=20), detached=False)
-    from jobs.augment_cmd import quiet_ray_data
+    from jobs.common import quiet_ray_data
 
     quiet_ray_data()
     yield stream, root, LocalLabeler(fm, version), group
@@ -94,9 +94,10 @@ def test_rerun_of_a_finished_window_is_a_no_op(world):
 def test_a_run_killed_mid_window_leaves_nothing_visible_and_a_rerun_gives_identical_rows(world, crash, tmp_path):
     _, root, _, _ = world
     storage = _linked_storage(root, tmp_path)
-    cfg = das_cfg(root, storage=storage, fault_injection=crash)
+    cfg = das_cfg(root, storage=storage)
     code = (
-        "import ray, sys; from exfm_ray.das.pipeline import AugmentConfig, augment_windows; "
+        "import ray, sys; from exfm_ray.das import pipeline; from exfm_ray.das.pipeline import AugmentConfig, "
+        f"augment_windows; pipeline.CRASH_AT = {crash!r}; "
         f"ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False); "
         f"augment_windows(AugmentConfig.model_validate_json({cfg.model_dump_json()!r}), [2])"
     )
@@ -104,7 +105,7 @@ def test_a_run_killed_mid_window_leaves_nothing_visible_and_a_rerun_gives_identi
     assert proc.returncode == 3, proc.stderr[-2000:]
     store = AugmentedStore(storage)
     assert store.committed() == [] and not (storage / "augmented" / "window=2").exists()
-    [result] = augment_windows(cfg.replace(fault_injection=None), [2])
+    [result] = augment_windows(cfg, [2])
     assert result["status"] == "committed" and store.committed() == [2]
     out, ref = comparable(store.read_window(2)), reference(world, 2)
     keys = list(zip(out.column("example_id").to_pylist(), out.column("tenant").to_pylist(), strict=True))
@@ -116,13 +117,13 @@ def test_a_run_killed_mid_window_leaves_nothing_visible_and_a_rerun_gives_identi
 def test_a_rank_killed_during_a_window_still_yields_a_complete_window(world, tmp_path):
     stream, root, _, group = world
     storage = _linked_storage(root, tmp_path)
-    calls_before = ray.get(group.status.remote())["calls"]
+    calls_before = ray.get(group.status.remote()).calls
     results = []
     worker = threading.Thread(
         target=lambda: results.extend(augment_windows(das_cfg(root, storage=storage, batch_size=250), [3]))
     )
     worker.start()
-    while ray.get(group.status.remote())["calls"] <= calls_before:
+    while ray.get(group.status.remote()).calls <= calls_before:
         time.sleep(0.2)
     ray.kill(ray.get(group.rank_handles.remote())[0], no_restart=True)
     worker.join(timeout=300)
@@ -133,7 +134,7 @@ def test_a_rank_killed_during_a_window_still_yields_a_complete_window(world, tmp
     np.testing.assert_allclose(
         out.column("fm_logit").to_numpy(), reference(world, 3).column("fm_logit").to_numpy(), atol=1e-5
     )
-    assert ray.get(group.status.remote())["gangs"][0]["rebuilds"] >= 1
+    assert ray.get(group.status.remote()).gangs[0].rebuilds >= 1
 
 
 def test_fm_down_past_the_wait_gives_masked_rows_never_dropped(world, tmp_path):
@@ -189,12 +190,12 @@ def test_delayed_labels_are_joined_within_the_attribution_window(world, tmp_path
     cfg = das_cfg(root, storage=storage, labels={"path": str(labels_dir), "attribution_s": 7200})
     [first] = augment_windows(cfg, [2])
     assert first["status"] == "waiting_for_labels"  # the label stream has not closed the window yet
-    calls = ray.get(group.status.remote())["calls"]
+    calls = ray.get(group.status.remote()).calls
     pq.write_table(events, labels_dir / "part-0.parquet")  # every event has now arrived ...
     (labels_dir / "WATERMARK").write_text(str(stream.spec.window_starts[3] + 7200))  # ... and the stream says so
     [second] = augment_windows(cfg, [2])
     assert second["status"] == "committed"
-    assert ray.get(group.status.remote())["calls"] == calls  # the FM labels were staged, not recomputed
+    assert ray.get(group.status.remote()).calls == calls  # the FM labels were staged, not recomputed
     out = AugmentedStore(storage).read_window(2)
     truth = stream.windows[2]
     delay = dict(zip(events.column("example_id").to_pylist(), events.column("label_time").to_pylist(), strict=True))
@@ -232,6 +233,6 @@ def _linked_storage(root, tmp_path):
 
 def _wait_ready(group, timeout=180):
     deadline = time.time() + timeout
-    while not all(g["status"] == "ready" for g in ray.get(group.status.remote())["gangs"]):
+    while not all(g.status == "ready" for g in ray.get(group.status.remote()).gangs):
         assert time.time() < deadline
         time.sleep(0.5)

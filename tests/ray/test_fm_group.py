@@ -73,7 +73,7 @@ def test_two_rank_table_wise_group_equals_the_unsharded_fm(group, world):
     np.testing.assert_allclose(out.logits, logits, atol=1e-5)
     np.testing.assert_allclose(out.hidden, hidden, atol=1e-5)
     status = ray.get(group.status.remote())
-    assert set(status["gangs"][0]["plan"].values()) == {"table_wise"}
+    assert set(status.gangs[0].plan.values()) == {"table_wise"}
 
 
 def test_column_wise_group_equals_the_unsharded_fm(ray_cluster, world):
@@ -86,7 +86,7 @@ def test_column_wise_group_equals_the_unsharded_fm(ray_cluster, world):
         table = stream.windows[0].slice(0, 256)
         out = ray.get(handle.label.remote(table))
         np.testing.assert_allclose(out.logits, reference(models[0], stream, table)[0], atol=1e-5)
-        assert set(ray.get(handle.status.remote())["gangs"][0]["plan"].values()) == {"column_wise"}
+        assert set(ray.get(handle.status.remote()).gangs[0].plan.values()) == {"column_wise"}
     finally:
         stop_fm_group("fm-cw")
 
@@ -152,5 +152,5 @@ def test_killing_a_rank_rebuilds_the_gang_and_answers_stay_the_same(group, world
     assert saw_unavailable
     assert after.version == before.version
     np.testing.assert_allclose(after.logits, before.logits, atol=1e-6)
-    gang = ray.get(group.status.remote())["gangs"][0]
-    assert gang["status"] == "ready" and gang["rebuilds"] == 1
+    gang = ray.get(group.status.remote()).gangs[0]
+    assert gang.status == "ready" and gang.rebuilds == 1

@@ -53,7 +53,7 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path):
     exfm("fm", "start", *common, "--name", "fm-cli", "--sharding", "column_wise")
     try:
         status = json.loads(exfm("fm", "status", *common, "--name", "fm-cli", "--json"))
-        assert status["version"] == "fm-0002" and status["ready"]
+        assert status["version"]["version"] == "fm-0002" and status["ready"]
         assert set(status["gangs"][0]["plan"].values()) == {"column_wise"}
         table = read_window(stream, 2, spec).slice(0, 300)
         got = ray.get(find_fm_group("fm-cli").label.remote(table))

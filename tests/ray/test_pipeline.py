@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from actors.pipeline import run_pipeline
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.data.sources import SourceConfig
 from exfm_ray.data.stream import window_dir
@@ -14,11 +15,10 @@ from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMRegistry
 from exfm_ray.pipeline.config import PipelineConfig
+from exfm_ray.serving.deploy import free_port
 from exfm_ray.students.guard import NE_KEY
 from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.registry import TenantRegistry
-from jobs.orchestrator import run_pipeline
-from jobs.serving import free_port
 
 pytestmark = pytest.mark.ray
 WINDOWS = 4
@@ -94,7 +94,7 @@ def test_report_shows_the_fm_helping_the_students(first_run):
 
 def test_a_rerun_continues_and_redoes_nothing(first_run):
     cfg, report, _ = first_run
-    before = {n: len(TenantRegistry(cfg.storage).read_json(TenantRegistry(cfg.storage).metrics_path(n))) for n in
+    before = {n: len(TenantRegistry(cfg.storage).history(n)) for n in
               report["windows"]}  # fmt: skip
     versions = len(FMRegistry(cfg.storage).versions())
     lines = []

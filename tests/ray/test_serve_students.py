@@ -13,10 +13,10 @@ import pytest
 from exfm_ray.bench.http_load import concurrent
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import publish_synthetic_students, synthetic_spec_and_stream, train_student
+from exfm_ray.serving.deploy import free_port
 from exfm_ray.students.checkpoint import student_meta
 from exfm_ray.students.config import StudentConfig
 from exfm_ray.students.store import StudentStore
-from jobs.serving import free_port
 from tests.serving_helpers import expected_probabilities, published_model, rows_for
 
 pytestmark = pytest.mark.ray
@@ -31,7 +31,7 @@ SERVING_CLASSES = {"ServingStudent", "EmbeddingBagCollection", "ModuleDict", "Em
 def service(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from jobs import serving
+    from exfm_ray.serving.deploy import deploy
 
     root = tmp_path_factory.mktemp("store")
     publish_synthetic_students(root, num_tenants=3)
@@ -46,7 +46,7 @@ def service(ray_cluster, tmp_path_factory):
         max_rows_per_request=64,
         max_batch_rows=256,
     )
-    url = serving.deploy(cfg)
+    url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=30) as client:
         yield cfg, StudentStore(root), client
     serve.delete(cfg.app_name)
@@ -231,7 +231,7 @@ def test_killing_a_replica_under_load_fails_almost_no_request(service):
     """Runs last in this module: it kills one of the two replicas, then waits for Serve to replace it.
 
     No client retry: the other replica and HAProxy's replay of requests the dead one dropped
-    (RAY_SERVE_HAPROXY_RETRY_ON in jobs/serving.py) must carry every request.
+    (RAY_SERVE_HAPROXY_RETRY_ON in jobs/cluster.py) must carry every request.
     """
     import ray
 

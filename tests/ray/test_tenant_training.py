@@ -11,7 +11,8 @@ import pytest
 import ray
 import torch
 
-from actors.launch import fit_tenant_task, start_tenant_manager
+from actors.launch import start_tenant_manager
+from actors.remote import fit_tenant_task
 from actors.tenant_manager import TenantManagerConfig
 from exfm_ray.das.local import augment_stream_locally
 from exfm_ray.das.store import AugmentedStore
@@ -57,7 +58,7 @@ def wait_until(predicate, timeout_s=120.0, what="condition"):
 
 def history(storage, name):
     reg = TenantRegistry(storage)
-    return reg.read_json(reg.metrics_path(name)) or []
+    return reg.history(name)
 
 
 def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(source, tmp_path, ray_cluster):
@@ -120,7 +121,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
     reg = TenantRegistry(storage)
 
     def mid_window_2():
-        p = reg.read_json(reg.progress_path("feed_ft")) or {}
+        p = reg.progress("feed_ft")
         return p if p.get("window") == 2 and p.get("phase") == "train" and p.get("batch", 0) > 20 else None
 
     killed = wait_until(mid_window_2, what="window 2 in training")["pid"]
@@ -137,3 +138,74 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
     for t in range(4):
         ref_rec = plain.window(t, AugmentedStore(storage).read_window(t, columns=view.columns))
         np.testing.assert_allclose([h[t]["ne"], h[t]["loss"]], [ref_rec["ne"], ref_rec["loss"]], rtol=1e-4)
+
+
+def test_one_tenants_failure_leaves_the_others_training(source, tmp_path):
+    """A tenant whose rows name no stream tenant registers (the registry does not read the stream)
+    and fails when its run starts. It runs first and alone (max_concurrent 1): a manager that
+    stopped on the first failure, kept its slot, or lost track of the failed run would leave the
+    healthy tenant unfinished, or report the failed one as running or finished."""
+    storage = tmp_path
+    last = 2
+    for t in range(last + 1):
+        commit(source, storage, t)
+    reg = TenantRegistry(storage)
+    reg.add(TenantConfig(name="broken", rows=["no_such_tenant"], max_failures=0))  # first in, first run
+    reg.add(TenantConfig(name="feed"))
+    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=1, poll_s=0.3))
+    try:
+        runs = ray.get(manager.train.remote(0, last, False), timeout=600)["runs"]
+    finally:
+        ray.kill(manager)
+    assert {n: r["status"] for n, r in runs.items()} == {"broken": "failed", "feed": "finished"}, runs
+    assert runs["broken"]["error"] and history(storage, "broken") == []
+    assert runs["broken"]["ended_at"] <= runs["feed"]["started_at"]  # it failed first; feed ran after it
+    assert runs["feed"]["result"]["windows"] == list(range(last + 1))
+    assert [r["window"] for r in history(storage, "feed")] == list(range(last + 1))  # every window, once
+    assert StudentStore(storage).latest_meta("feed").window == last
+
+
+def test_exfm_metrics_reach_rays_prometheus_export_under_the_dashboards_names(ray_cluster):
+    """What a window records (the DAS's record_metrics, a tenant gauge) is scraped from the node's
+    metrics export with its values, under the names deploy/grafana/exfm-dashboard.json reads."""
+    import urllib.request
+
+    from exfm_ray.das.store import WindowRecord
+    from exfm_ray.observability import exported_name
+    from tests.unit.test_dashboard import code_metrics, dashboard_panels, panel_series
+
+    @ray.remote(num_cpus=0)
+    class Recorder:  # stays alive while the scrape waits: Ray pushes a process's metrics periodically
+        def record(self, rec: WindowRecord) -> str:
+            from exfm_ray.das.window_log import record_metrics
+            from exfm_ray.observability import gauge
+
+            record_metrics(rec)
+            gauge("tenant_ne", "Tenant student ne on its latest window", ("tenant",)).set(0.875, {"tenant": "probe"})
+            return ray.get_runtime_context().get_worker_id()
+
+    rec = WindowRecord(window=0, input_rows=300, output_rows=300, fm_calls=120, masked_rows=30, duration_s=2.0)
+    recorder = Recorder.remote()
+    worker = ray.get(recorder.record.remote(rec))
+    kinds = code_metrics()
+    expected = {
+        exported_name(kinds[name], name): value
+        for name, value in [("das_rows", 300), ("das_masked_rows", 30), ("das_fm_calls", 120), ("das_rows_per_s", 150)]
+    }
+    expected[exported_name(kinds["tenant_ne"], "tenant_ne")] = 0.875
+    assert set(expected) <= {s for p in dashboard_panels() for s in panel_series(p)}  # the names the panels read
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+    def scraped():
+        found = {}
+        for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+            name = line.split("{", 1)[0]
+            if name in expected and f'WorkerId="{worker}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        return found if set(found) == set(expected) else None
+
+    try:
+        assert wait_until(scraped, timeout_s=60, what="the exfm_ metrics in Ray's export") == pytest.approx(expected)
+    finally:
+        ray.kill(recorder)

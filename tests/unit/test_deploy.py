@@ -41,7 +41,7 @@ def test_cluster_yaml_passes_rays_config_validation():
     assert types["ray.worker.cpu"]["resources"]["student_pool"] > 0
     assert types["ray.worker.serve"]["resources"]["serve_pool"] > 0
     gpu_setup = " ".join(types["ray.worker.gpu"]["worker_setup_commands"])
-    assert "fbgemm-gpu==1.6.0" in gpu_setup and "fbgemm-gpu-cpu" not in gpu_setup  # never both
+    assert "fbgemm-gpu==" in gpu_setup and "fbgemm-gpu-cpu" not in gpu_setup  # never both
     assert "--no-deps torchrec" in gpu_setup
 
 
@@ -351,7 +351,7 @@ def test_rayservice_serve_config_is_deploy_serve_config():
 
 
 def test_rayservice_cluster_has_serve_workers_with_the_fast_ingress_settings():
-    from jobs.serving import FAST_INGRESS_ENV
+    from jobs.cluster import FAST_INGRESS_ENV
 
     spec = _ray_cluster_spec(_manifest("rayservice-students.yaml"))
     assert spec["rayVersion"] == _ray_version()
