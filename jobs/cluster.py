@@ -9,6 +9,7 @@ it was started with (start it with the same variables: see docs/benchmarks.md an
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -54,7 +55,10 @@ def connect(
     fast_ingress: Serve's tuning variables for a Ray started here (see FAST_INGRESS_ENV).
     serve_port: a Ray started here will serve HTTP on it: first clear what a killed run left there.
     """
-    kwargs = {"namespace": NAMESPACE, "log_to_driver": False, "ignore_reinit_error": True}
+    # Ray's own notices (start-up, auth token, worker counts) stay in its log files; errors still show.
+    kwargs = {"namespace": NAMESPACE, "log_to_driver": False, "ignore_reinit_error": True,
+              "logging_level": logging.ERROR}  # fmt: skip
+    _quiet_ray_console(serve=serve_port is not None)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -84,8 +88,10 @@ def connect(
 def try_connect(address: str | None) -> bool:
     """Join a running cluster if there is one (never start Ray); False if none is reachable."""
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    _quiet_ray_console(serve=False)
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True,
+                 logging_level=logging.ERROR)  # fmt: skip
     except ConnectionError:
         return False
     return True
@@ -126,3 +132,34 @@ def _haproxy_ports() -> list[int]:
         return []
     return [int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)),
             int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))]  # fmt: skip
+
+
+# Raylet notices the driver prints that say nothing to a user of exfm: many actors on few cores is
+# how the loop runs on one machine (FM ranks, supervisors, tenant trainers, replicas).
+_EXPECTED_NOTICES = (
+    "PYTHON worker processes have been started",
+    "ServeController.graceful_shutdown failed",  # Serve stopping as Ray stops, at exit
+)
+
+
+def _quiet_ray_console(*, serve: bool) -> None:
+    """Keep Ray's chatter in its log files (<ray temp dir>/session_latest/logs): a user reads our lines
+    and bars. Anything Ray reports at ERROR, and every raylet notice but the expected ones, still shows."""
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # "Progress bars disabled" and the like
+    if serve:
+        import ray.serve  # noqa: F401  (it sets its logger to INFO on import: lower it after)
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    from ray._private import worker  # the driver's printer of raylet notices (no public switch)
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "exfm_filtered", False):
+        return
+
+    def filtered(data, *args, **kwargs):
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in _EXPECTED_NOTICES)]
+        if lines:
+            printer({**data, "lines": lines}, *args, **kwargs)
+
+    filtered.exfm_filtered = True
+    worker.print_to_stdstream = filtered

@@ -31,7 +31,7 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" per Dataset
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished", "Progress bars disabled"
 
 
 def curl_example(url: str, store, tenant: str) -> str:

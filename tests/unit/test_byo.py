@@ -5,7 +5,6 @@ import gzip
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,19 +12,9 @@ from exfm_ray.data.byo import MappingConfig, load_byo
 from exfm_ray.data.sources import SourceConfig, load_stream
 from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.errors import ConfigError, DataError
+from tests.stream_helpers import all_rows, value_counts
 
 pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "docs" / "examples"
-
-
-def _all(stream) -> pa.Table:
-    return pa.concat_tables(stream.windows)
-
-
-def _counts(column) -> dict:
-    return {v["values"]: v["counts"] for v in pc.value_counts(column).to_pylist()}
 
 
 # --- Bring your own ----------------------------------------------------------------------------
@@ -72,7 +61,7 @@ def test_byo_csv_loads_and_counts_excluded(tmp_path):
     assert s.report.rows_read == 9
     assert s.report.excluded == {"label missing": 1, "time missing": 1, "tenant missing": 1}
     assert s.num_rows == 6
-    table = _all(s)
+    table = all_rows(s)
     # Sorted by time: rows 1, 2, 0, 3, 5, 7 of the file; example_id = row number.
     assert table.column("example_id").to_pylist() == [1, 2, 0, 3, 5, 7]
     assert table.column("event_time").to_pylist() == [
@@ -99,9 +88,9 @@ def test_byo_csv_loads_and_counts_excluded(tmp_path):
 
 
 def test_byo_gzip_and_parquet_match_csv(tmp_path):
-    plain = _all(load_byo(_write(tmp_path, CSV), _mapping()))
-    gz = _all(load_byo(_write(tmp_path, CSV, "data.csv.gz"), _mapping()))
-    tsv = _all(load_byo(_write(tmp_path, CSV.replace(",", "\t"), "data.tsv"), _mapping()))
+    plain = all_rows(load_byo(_write(tmp_path, CSV), _mapping()))
+    gz = all_rows(load_byo(_write(tmp_path, CSV, "data.csv.gz"), _mapping()))
+    tsv = all_rows(load_byo(_write(tmp_path, CSV.replace(",", "\t"), "data.tsv"), _mapping()))
     assert gz.equals(plain) and tsv.equals(plain)
     typed = pa.table(
         {
@@ -116,13 +105,13 @@ def test_byo_gzip_and_parquet_match_csv(tmp_path):
     )
     pq.write_table(typed, tmp_path / "data.parquet")
     s = load_byo(tmp_path / "data.parquet", _mapping())
-    t = _all(s)
+    t = all_rows(s)
     assert s.report.excluded == {"label missing": 1}
     assert t.column("example_id").to_pylist() == [1, 0, 3]
     assert t.column("ad").to_pylist() == [[1], [0], [0]]  # ints compared as strings "10" < "20"
     assert t.column("price").to_pylist() == [0.0, 1.5, 0.0]
     (tmp_path / "data.parquet.gz").write_bytes(gzip.compress((tmp_path / "data.parquet").read_bytes()))
-    assert _all(load_byo(tmp_path / "data.parquet.gz", _mapping())).equals(t)
+    assert all_rows(load_byo(tmp_path / "data.parquet.gz", _mapping())).equals(t)
 
 
 def test_byo_parquet_timestamps_and_list_columns(tmp_path):
@@ -137,7 +126,7 @@ def test_byo_parquet_timestamps_and_list_columns(tmp_path):
     pq.write_table(typed, tmp_path / "typed.pq")
     m = MappingConfig.parse({"label": "click", "time": "at", "tenant": "kind", "categorical": ["tags"], "windows": 1})
     s = load_byo(tmp_path / "typed.pq", m)
-    t = _all(s)
+    t = all_rows(s)
     assert t.column("event_time").to_pylist() == [1, 2, 3]  # ms floored to seconds
     assert t.column("label_click").to_pylist() == [0.0, 1.0, 1.0]
     assert t.column("tags").to_pylist() == [[], [1, 0], []]
@@ -150,19 +139,19 @@ def test_byo_time_strings_and_format(tmp_path):
         _write(tmp_path, text),
         MappingConfig.parse({"label": "click", "time": "when", "categorical": ["u"], "windows": 3}),
     )
-    assert _all(s).column("event_time").to_pylist() == [1704099600, 1704189600, 1704240000]
+    assert all_rows(s).column("event_time").to_pylist() == [1704099600, 1704189600, 1704240000]
     text = "click,hour,u\n1,24010210,a\n0,24010109,b\n"
     m = MappingConfig.parse(
         {"label": "click", "time": "hour", "time_format": "%y%m%d%H", "categorical": ["u"], "windows": 1}
     )
-    assert _all(load_byo(_write(tmp_path, text), m)).column("event_time").to_pylist() == [1704099600, 1704189600]
+    assert all_rows(load_byo(_write(tmp_path, text), m)).column("event_time").to_pylist() == [1704099600, 1704189600]
 
 
 def test_byo_no_time_no_tenant_and_id(tmp_path):
     text = "click,u,eid\n1,a,100\n0,b,7\n1,a,55\n0,c,9\n"
     m = MappingConfig.parse({"label": "click", "categorical": ["u"], "id": "eid", "windows": 2})
     s = load_byo(_write(tmp_path, text), m)
-    t = _all(s)
+    t = all_rows(s)
     assert t.column("event_time").to_pylist() == [0, 1, 2, 3]
     assert t.column("example_id").to_pylist() == [100, 7, 55, 9]
     assert s.spec.tenant_names == ["all"] and s.spec.window_starts == [0, 2]
@@ -172,9 +161,9 @@ def test_byo_max_tenants_folds_into_other(tmp_path):
     rows = ["click,u,site"] + [f"{i % 2},u{i},{site}" for i, site in enumerate("aaaabbbccd")]
     mapping = {"label": "click", "tenant": "site", "max_tenants": 3, "categorical": ["u", "site"], "windows": 2}
     s = load_byo(_write(tmp_path, "\n".join(rows) + "\n"), MappingConfig.parse(mapping))
-    t = _all(s)
+    t = all_rows(s)
     assert s.spec.tenant_names == ["a", "b", "other"]
-    counts = _counts(t.column("tenant"))
+    counts = value_counts(t.column("tenant"))
     assert counts == {"a": 4, "b": 3, "other": 3}
     assert s.spec.feature("site").cardinality == 4  # the feature keeps every site
 
@@ -185,7 +174,7 @@ def test_byo_reserved_names_renamed(tmp_path):
     s = load_byo(_write(tmp_path, text), m)
     assert s.spec.sparse_names == ["f_window", "f_tenant"]
     assert s.spec.tenant("all").features == ["f_window", "f_tenant"]
-    assert _all(s).column("f_window").to_pylist() == [[0], [1]]
+    assert all_rows(s).column("f_window").to_pylist() == [[0], [1]]
 
 
 @pytest.mark.parametrize(

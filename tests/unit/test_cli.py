@@ -143,3 +143,17 @@ def test_ray_job_entry_points_are_the_cli(module, words, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(module, run_name="__main__")
     assert exit_.value.code == 0 and seen == [[*words, "--storage", "/mnt/exfm/store"]]
+
+
+def test_rays_expected_notices_stay_out_of_the_console_and_the_rest_shows(capfd):
+    from ray._private import worker
+
+    from jobs.cluster import _quiet_ray_console
+
+    _quiet_ray_console(serve=False)
+    _quiet_ray_console(serve=False)  # idempotent: one filter, not a chain
+    notice = "WARNING: 24 PYTHON worker processes have been started on node: abc, which is 12x the maximum"
+    worker.print_to_stdstream({"lines": [notice, "a raylet error a user must see"], "pid": "raylet",
+                               "is_err": True}, ignore_prefix=False)  # fmt: skip
+    err = capfd.readouterr().err
+    assert "a raylet error a user must see" in err and "PYTHON worker processes" not in err

@@ -1,7 +1,4 @@
-from pathlib import Path
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -9,24 +6,14 @@ from exfm_ray.data.byo import load_byo
 from exfm_ray.data.frappe import frappe_stream
 from exfm_ray.data.movielens import movielens_stream
 from exfm_ray.errors import ConfigError
+from tests.stream_helpers import EXAMPLES, all_rows, value_counts
 
 pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "docs" / "examples"
-
-
-def _all(stream) -> pa.Table:
-    return pa.concat_tables(stream.windows)
-
-
-def _counts(column) -> dict:
-    return {v["values"]: v["counts"] for v in pc.value_counts(column).to_pylist()}
 
 
 def _ids_in_range(stream) -> int:
     """Count of ids outside [0, cardinality) over every sparse feature (build_stream already checks)."""
-    table = _all(stream)
+    table = all_rows(stream)
     bad = 0
     for f in stream.spec.sparse:
         vals = pc.list_flatten(table.column(f.name)).to_numpy()
@@ -36,7 +23,7 @@ def _ids_in_range(stream) -> int:
 
 def _check_windows(stream) -> None:
     assert all(w.num_rows > 0 for w in stream.windows)
-    times = _all(stream).column("event_time").to_numpy()
+    times = all_rows(stream).column("event_time").to_numpy()
     assert (np.diff(times) >= 0).all()
     for t, w in enumerate(stream.windows):
         assert set(w.column("window").to_pylist()) == {t}
@@ -57,7 +44,7 @@ def test_movielens_rows_labels_windows(movielens):
     s = movielens
     assert s.report.rows_read == 100_000 and s.report.excluded == {}
     assert s.num_rows == 100_000
-    table = _all(s)
+    table = all_rows(s)
     assert abs(pc.mean(table.column("label_click")).as_py() - 0.5537) <= 0.001
     assert s.spec.name == "movielens" and s.spec.num_windows == 31
     assert np.all(np.diff(s.spec.window_starts) == 7 * 86_400)
@@ -70,8 +57,8 @@ def test_movielens_rows_labels_windows(movielens):
 
 def test_movielens_tenants_and_features(movielens):
     s = movielens
-    table = _all(s)
-    counts = _counts(table.column("tenant"))
+    table = all_rows(s)
+    counts = value_counts(table.column("tenant"))
     assert counts == {"student": 21_957, "technical": 21_540, "academic": 20_251, "other": 36_252}
     assert sum(counts.values()) == s.num_rows
     assert s.spec.tenant_names == ["student", "technical", "academic", "other"]
@@ -88,7 +75,7 @@ def test_movielens_tenants_and_features(movielens):
 
 def test_movielens_row_matches_raw_file(movielens, data_dir):
     # Raw row 0 of ml-100k.inter: user 196, item 242, rating 3 -> label 0; item 242 is "Kolya" (Comedy).
-    table = _all(movielens)
+    table = all_rows(movielens)
     row = table.filter(pc.equal(table.column("example_id"), 0)).to_pylist()[0]
     assert row["event_time"] == 881_250_949 and row["label_click"] == 0.0
     assert row["user_id"] == [195] and row["item_id"] == [241]
@@ -109,7 +96,7 @@ def test_movielens_fewer_tenants(data_dir):
 def test_frappe(data_dir):
     s = frappe_stream(data_dir)
     assert s.num_rows == 86_582 and s.report.excluded == {}
-    table = _all(s)
+    table = all_rows(s)
     assert abs(pc.mean(table.column("label_click")).as_py() - 0.3303) <= 0.001
     assert s.spec.num_windows == 10
     sizes = [w.num_rows for w in s.windows]
@@ -117,7 +104,7 @@ def test_frappe(data_dir):
     _check_windows(s)
     assert np.array_equal(table.column("event_time").to_numpy(), np.arange(86_582))
     assert np.array_equal(table.column("example_id").to_numpy(), np.arange(86_582))
-    counts = _counts(table.column("tenant"))
+    counts = value_counts(table.column("tenant"))
     assert counts == {"homework_0": 68_088, "homework_1": 14_172, "homework_2": 4_322}
     card = {f.name: f.cardinality for f in s.spec.sparse}
     assert card == {
@@ -132,12 +119,12 @@ def test_frappe(data_dir):
 
 def test_avazu_fixture(data_dir):
     s = load_byo(data_dir / "format_fixtures" / "avazu_sample_deepctr.txt", EXAMPLES / "avazu.yaml")
-    t = _all(s)
+    t = all_rows(s)
     assert s.num_rows == 100 and s.report.excluded == {}
     assert pc.mean(t.column("label_click")).as_py() == pytest.approx(0.20)
     assert set(t.column("event_time").to_pylist()) == {1_413_849_600}  # 2014-10-21 00:00 UTC
     assert s.spec.tenant_names == ["28905ebd", "50e219e0", "f028772b", "other"]
-    counts = _counts(t.column("tenant"))
+    counts = value_counts(t.column("tenant"))
     assert counts == {"28905ebd": 42, "50e219e0": 24, "f028772b": 20, "other": 14}
     assert s.spec.feature("site_id").cardinality == 22 and len(s.spec.sparse) == 21
     assert _ids_in_range(s) == 0
@@ -145,7 +132,7 @@ def test_avazu_fixture(data_dir):
 
 def test_criteo_fixture(data_dir):
     s = load_byo(data_dir / "format_fixtures" / "criteo_sample_deepctr.txt", EXAMPLES / "criteo.yaml")
-    t = _all(s)
+    t = all_rows(s)
     assert s.num_rows == 200 and s.report.excluded == {}
     assert int(pc.sum(t.column("label_click")).as_py()) == 49
     assert len(s.spec.sparse) == 26 and s.spec.dense == [f"I{i}" for i in range(1, 14)]
