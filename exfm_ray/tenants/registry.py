@@ -59,6 +59,10 @@ class TenantRegistry:
     def progress_path(self, name: str) -> Path:
         return self.tenant_dir(name) / "progress.json"
 
+    def yield_path(self, name: str) -> Path:
+        """Present while the tenant manager asks the tenant's run to end after its current window."""
+        return self.tenant_dir(name) / "yield"
+
     def metrics_path(self, name: str) -> Path:
         return self.tenant_dir(name) / "metrics.json"
 

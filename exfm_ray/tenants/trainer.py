@@ -46,6 +46,8 @@ class TenantRunConfig(Config):
     follow: bool = Field(False, description="Wait for windows the DAS has not committed yet instead of failing.")
     poll_s: float = Field(1.0, gt=0, description="How often a following run looks for a new window.")
     progress_every_s: float = Field(0.5, gt=0, description="How often rank 0 rewrites progress.json.")
+    yield_after: int = Field(4, ge=1, description="Windows a run asked to give up its slot still trains when far "
+                             "behind (caught up, it yields at once).")  # fmt: skip
 
     @model_validator(mode="after")
     def _bounded(self) -> TenantRunConfig:
@@ -84,10 +86,16 @@ def train_loop(config: dict) -> dict:
         files.after_restore(run)
     t = max(run_cfg.first_window, run.last_window + 1)
     started = time.time()
+    trained_here = 0
     while run_cfg.last_window is None or t <= run_cfg.last_window:
         if not _active(registry, entry):
             break
-        if t not in store.records():
+        committed = t in store.records()
+        # Its slot is wanted by a waiting tenant: give it up once caught up, or after a quantum of
+        # windows when far behind; the manager starts it again when a window is left for it.
+        if registry.yield_path(cfg.name).exists() and (not committed or trained_here >= run_cfg.yield_after):
+            break
+        if not committed:
             if not run_cfg.follow:
                 raise ExfmError(f"tenant {cfg.name}: augmented window {t} is not committed; run the DAS first")
             files.progress(len(run.history), t, "waiting", 0, 0)
@@ -99,6 +107,7 @@ def train_loop(config: dict) -> dict:
         _report(metrics, run.state_dict() if rank == 0 else None)
         files.after_window(run, record)
         t += 1
+        trained_here += 1
     files.progress(len(run.history), run.last_window, "done", 0, 0)
     return {
         "tenant": cfg.name,
