@@ -19,7 +19,7 @@ from exfm_ray.bench.http_load import Latency, concurrent, post_until, sequential
 from exfm_ray.configbase import Config
 from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.serving.config import ServeConfig
-from exfm_ray.serving.demo import example_rows, publish_synthetic_students
+from exfm_ray.serving.demo import example_rows, publish_synthetic_students, publish_tenant_copies
 from exfm_ray.serving.deploy import deploy, free_port, undeploy
 from exfm_ray.students.store import StudentStore
 
@@ -30,6 +30,7 @@ class ServeBenchConfig(Config):
     concurrency: int = Field(32, ge=1, description="Concurrent connections under load.")
     rows: int = Field(32, ge=1, description="Rows per request under load (candidates to rank).")
     rounds: int = Field(10, ge=1, description="Sequential rounds, alternating between the two servers.")
+    tenants: int = Field(2, ge=1, le=512, description="Tenants served (beyond 2: copies of the two trained students).")
     serve: ServeConfig | None = Field(None, description="The Serve app's config (its store_root/port are replaced).")
 
 
@@ -37,7 +38,8 @@ def run(cfg: ServeBenchConfig) -> dict:
     """On the Ray this process has joined: deploys the app, measures, and takes the app down."""
     requests, seconds, concurrency, rows = cfg.requests, cfg.seconds, cfg.concurrency, cfg.rows
     with tempfile.TemporaryDirectory(prefix="exfm-bench-") as tmp:
-        tenants = [p.tenant for p in publish_synthetic_students(tmp, num_tenants=2)]
+        publish_synthetic_students(tmp, num_tenants=min(cfg.tenants, 2))
+        tenants = publish_tenant_copies(tmp, cfg.tenants)
         serve_cfg = (cfg.serve or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=free_port())
         store = StudentStore(tmp)
         single = {"rows": example_rows(store.latest_meta(tenants[0]), 1)}
@@ -48,7 +50,8 @@ def run(cfg: ServeBenchConfig) -> dict:
             urls = {"baseline": f"http://127.0.0.1:{baseline_port}", "serve": deploy(serve_cfg)}
             for url in urls.values():
                 post_until(url + PREDICT_PATH.format(tenant=tenants[0]), single, timeout_s=120.0)
-            latency = asyncio.run(_sequential_rounds(urls, tenants[0], single, requests, cfg.rounds))
+            ones = {t: {"rows": example_rows(store.latest_meta(t), 1)} for t in tenants}
+            latency = asyncio.run(_sequential_rounds(urls, tenants[0], single, requests, cfg.rounds, ones))
             before = _replica_stats(serve_cfg)
             load = {name: asyncio.run(_load(url, bodies, rows, concurrency, seconds)) for name, url in urls.items()}
             after = _replica_stats(serve_cfg)
@@ -56,9 +59,14 @@ def run(cfg: ServeBenchConfig) -> dict:
             undeploy(serve_cfg, all_of_serve=True)
             baseline.kill()
             baseline.join()
-    b, s = latency["baseline"], latency["serve"]
+    b, s, every = latency["baseline"], latency["serve"], latency["serve_all_tenants"]
     passes = max(1, after["batches"] - before["batches"])
     return {
+        "serve_all_tenants_p50_ms": round(every.p50, 3),
+        "serve_all_tenants_p99_ms": round(every.p99, 3),
+        "serve_p99_ratio": round(every.p99 / s.p99, 3),  # every tenant in turn vs one tenant, Serve
+        "model_loads_per_replica": after["loads_per_replica"],
+        "max_models_per_replica": after["max_models_per_replica"],
         "baseline_p50_ms": round(b.p50, 3),
         "baseline_p99_ms": round(b.p99, 3),
         "serve_p50_ms": round(s.p50, 3),
@@ -80,15 +88,23 @@ def run(cfg: ServeBenchConfig) -> dict:
     }
 
 
-async def _sequential_rounds(urls: dict[str, str], tenant: str, body: dict, requests: int, rounds: int):
-    """Alternate servers every round so a burst of background load hits both alike."""
-    latency = {name: Latency([]) for name in urls}
+async def _sequential_rounds(
+    urls: dict[str, str], tenant: str, body: dict, requests: int, rounds: int, every_tenant: dict[str, dict]
+):
+    """Alternate servers every round so a burst of background load hits both alike; each round also
+    asks Serve for every tenant in turn (serve_all_tenants: what a replica that holds only its share
+    of the students answers, against the one tenant of "serve")."""
+    latency = {name: Latency([]) for name in [*urls, "serve_all_tenants"]}
+    per_tenant = max(1, requests // rounds // len(every_tenant))
     for _ in range(rounds):
         for name, url in urls.items():
             got = await sequential(
                 url + PREDICT_PATH.format(tenant=tenant), body, max(1, requests // rounds), warmup=20
             )
             latency[name].samples_ms += got.samples_ms
+        for t, one in every_tenant.items():
+            got = await sequential(urls["serve"] + PREDICT_PATH.format(tenant=t), one, per_tenant, warmup=1)
+            latency["serve_all_tenants"].samples_ms += got.samples_ms
     return latency
 
 
@@ -105,9 +121,23 @@ def _merged(loads) -> Latency:
 
 
 def _replica_stats(cfg: ServeConfig) -> dict:
+    """Summed over every replica: forward passes and rows; per replica: student loads and models held."""
     from ray import serve
 
-    return serve.get_deployment_handle("StudentRouter", app_name=cfg.app_name).inspect_process.remote().result()
+    handle = serve.get_deployment_handle("StudentRouter", app_name=cfg.app_name)
+    seen: dict[int, dict] = {}
+    for _ in range(50 * cfg.num_replicas):  # calls spread over replicas: ask until each answered
+        info = handle.inspect_process.remote().result()
+        seen[info["pid"]] = info
+        if len(seen) == cfg.num_replicas:
+            break
+    infos = list(seen.values())
+    return {
+        "batches": sum(i["batches"] for i in infos),
+        "batched_rows": sum(i["batched_rows"] for i in infos),
+        "loads_per_replica": [sum(i["loads"].values()) for i in infos],
+        "max_models_per_replica": max(len(i["loaded"]) for i in infos),
+    }
 
 
 def _serve_baseline(config_json: str, port: int) -> None:
@@ -135,4 +165,8 @@ def summary(r: dict) -> str:
         f"| p99, sequential 1-row | {r['baseline_p99_ms']} ms | {r['serve_p99_ms']} ms | {r['p99_ratio']} |",
         f"| predictions/s, {r['concurrency']} conns x {r['rows_per_request']} rows | "
         f"{r['baseline_predictions_per_s']} | {r['batched_predictions_per_s']} | |",
+        f"| p50 / p99, every one of {len(r['tenants'])} tenants in turn (Serve) | | "
+        f"{r['serve_all_tenants_p50_ms']} / {r['serve_all_tenants_p99_ms']} ms | p99 {r['serve_p99_ratio']} |",
+        f"student loads per replica {r['model_loads_per_replica']}, most models held by one replica "
+        f"{r['max_models_per_replica']}",
     ])  # fmt: skip

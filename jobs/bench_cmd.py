@@ -24,6 +24,7 @@ BENCHES = {
         ("--seconds", float, 10.0, "duration of the concurrent load per server"),
         ("--concurrency", int, 32, "concurrent connections under load"),
         ("--rows", int, 32, "rows per request under load (candidates to rank)"),
+        ("--tenants", int, 2, "tenants served (beyond 2: copies of the trained students)"),
     ], 2),
     "train": ("tenant training: plain loop vs Ray Train, and 2 tenants at once vs 1", [
         ("--rows-per-window", int, 60_000, "synthetic examples per window"),

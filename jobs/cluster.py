@@ -36,6 +36,11 @@ FAST_INGRESS_ENV = {
     # One log line per request to a socket that a Python actor parses into Serve's HTTP metrics:
     # ~130 us of CPU per request on the serving machine. HAProxy's own counters stay (port 9101).
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # Tenant-aware routing: HAProxy hashes the request path (/v1/tenants/<tenant>/predict), so each
+    # tenant's requests go to one replica and each replica loads about tenants/replicas students
+    # instead of every one (its LRU thrashed past max_models_per_replica). A tenant with more traffic
+    # than one replica takes is the price; HAProxy remaps a tenant when its replica goes down.
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "uri",
 }
 
 
@@ -58,7 +63,7 @@ def connect(
     # Ray's own notices (start-up, auth token, worker counts) stay in its log files; errors still show.
     kwargs = {"namespace": NAMESPACE, "log_to_driver": False, "ignore_reinit_error": True,
               "logging_level": logging.ERROR}  # fmt: skip
-    _quiet_ray_console(serve=serve_port is not None)
+    _quiet_ray_console(serve=fast_ingress or serve_port is not None)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -139,6 +144,7 @@ def _haproxy_ports() -> list[int]:
 _EXPECTED_NOTICES = (
     "PYTHON worker processes have been started",
     "ServeController.graceful_shutdown failed",  # Serve stopping as Ray stops, at exit
+    "ServeController.listen_for_change failed",
 )
 
 

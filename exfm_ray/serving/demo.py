@@ -66,3 +66,20 @@ def example_rows(meta: StudentMeta, num_rows: int, seed: int = 0) -> list[dict]:
         dense = {d: round(rng.random(), 4) for d in meta.dense}
         rows.append({"sparse": sparse, "dense": dense})
     return rows
+
+
+def publish_tenant_copies(root: str | Path, total: int) -> list[str]:
+    """Grow a store to `total` tenants by republishing its students under new names ("feed_07"):
+    many tenants for serving benchmarks without training each. Returns every tenant's name."""
+    store = StudentStore(root)
+    bases = store.tenants()
+    names = list(bases)
+    i = 0
+    while len(names) < total:
+        base = bases[i % len(bases)]
+        model, meta = store.load_latest(base)
+        name = f"{base}_{i:02d}"
+        store.publish(model, meta.model_copy(update={"tenant": name}))
+        names.append(name)
+        i += 1
+    return names[:total]

@@ -63,9 +63,11 @@ class StudentRouter:
         self.batches = 0  # forward passes, including solo ones
         self.batched_rows = 0
         self.solo = 0  # requests answered without the queue
+        self.loads: Counter[str] = Counter()  # student loads per tenant (a reload counts too)
 
         async def load(tenant: str) -> TenantSlot:
             slot = TenantSlot(await asyncio.to_thread(load_tenant, self.store, tenant))
+            self.loads[tenant] += 1
             self._slots[tenant] = slot
             return slot
 
@@ -150,6 +152,7 @@ class StudentRouter:
             "batches": self.batches,
             "batched_rows": self.batched_rows,
             "solo": self.solo,
+            "loads": dict(self.loads),
         }
 
     def _run_batch(self, items: list[BatchItem]) -> list[BatchResult]:

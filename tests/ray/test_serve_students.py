@@ -157,8 +157,9 @@ def test_serving_processes_hold_only_the_serving_path(service):
     for _ in range(10):
         for tenant in store.tenants():
             assert _predict(client, tenant, rows_for(store, tenant, 1)).status_code == 200
-    for info in _inspect_every_replica(cfg):
-        assert info["loaded"], info
+    replicas = _inspect_every_replica(cfg)
+    assert set().union(*(i["loaded"] for i in replicas)) == set(store.tenants())
+    for info in replicas:
         for tenant, loaded in info["loaded"].items():
             model, _ = published_model(store, tenant)
             assert loaded["class"] == "ServingStudent"
@@ -167,6 +168,19 @@ def test_serving_processes_hold_only_the_serving_path(service):
         live = info["live_modules"]
         assert set(live) <= SERVING_CLASSES, live  # no Student, StudentAdapter, FoundationModel, aux head
         assert live["ServingStudent"] == len(info["loaded"])
+
+
+def test_each_tenant_is_routed_to_one_replica(service):
+    """HAProxy hashes the tenant's path: a tenant's student is loaded by one replica, not by every one
+    (requests spread over replicas would load each student on each: 2 loads per tenant here)."""
+    cfg, store, client = service
+    for _ in range(6):
+        for tenant in store.tenants():
+            assert _predict(client, tenant, rows_for(store, tenant, 1)).status_code == 200
+    replicas = _inspect_every_replica(cfg)
+    for tenant in store.tenants():
+        holders = [i["pid"] for i in replicas if i["loads"].get(tenant)]
+        assert len(holders) == 1, (tenant, [i["loads"] for i in replicas])
 
 
 def test_each_replica_keeps_a_bounded_lru_of_tenant_models(service):
