@@ -172,7 +172,7 @@ class Augmenter:
         import ray
         from ray.data import ActorPoolStrategy
 
-        from exfm_ray.das.transforms import bound_labeler
+        from exfm_ray.das.transforms import FMLabeler
 
         start = time.perf_counter()
         by_window = {job.t: job for job in jobs}
@@ -180,11 +180,15 @@ class Augmenter:
         # from_blocks: block metadata computed here; from_arrow would run a metadata task per block in a
         # worker that may be cold (importing Ray Data there: ~2 s per window, measured).
         blocks = ray.data.from_blocks([block for job in jobs for block in job.batches(self.cfg.batch_size)])
-        labeler = bound_labeler(
-            self.cfg.group_name, self.cfg.group_namespace, self.cfg.max_wait_s, self.spec.to_json(), emb_dim
-        )
         ds = blocks.map_batches(
-            labeler,
+            FMLabeler,
+            fn_constructor_args=(
+                self.cfg.group_name,
+                self.cfg.group_namespace,
+                self.cfg.max_wait_s,
+                self.spec.to_json(),
+                emb_dim,
+            ),
             batch_size=None,  # a block is one batch: the driver cut it at example boundaries
             batch_format="pyarrow",
             num_cpus=self.cfg.labeler_cpus,

@@ -55,16 +55,3 @@ class FMLabeler:
                 if time.monotonic() > deadline:
                     return None
                 time.sleep(min(2.0, self.max_wait_s / 10 + 0.1))
-
-
-def bound_labeler(group_name: str, namespace: str, max_wait_s: float, spec_json: str, emb_dim: int) -> type:
-    """FMLabeler with its arguments bound into the class. Ray Data would put constructor arguments
-    in the object store, owned by the driver: a pool actor restarted after losing its node could not
-    be rebuilt if they were lost too (Ray says so on the console). Bound in the class, they travel with
-    its definition."""
-
-    class BoundFMLabeler(FMLabeler):
-        def __init__(self):
-            super().__init__(group_name, namespace, max_wait_s, spec_json, emb_dim)
-
-    return BoundFMLabeler
