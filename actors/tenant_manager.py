@@ -1,23 +1,30 @@
-"""The tenant manager: runs every registered tenant's Ray Train run, several at once, and takes
-new tenants while it runs.
+"""The tenant manager: runs every registered tenant's training in Ray Train runs, several at once,
+and takes new tenants while it runs.
 
-A plain class (actors/launch.py makes it a named async actor). Each tenant's TorchTrainer.fit()
-runs in its own Ray task, so a slow or failing tenant holds only its own workers; at most
-`max_concurrent` runs hold resources at a time, the rest queue. A tenant added while the manager
-runs (`exfm tenants add`) gets its run at once; a removed tenant's run stops after its window.
+A plain class (actors/launch.py makes it a named async actor). Each run's TorchTrainer.fit() runs
+in its own Ray task, so a slow or failing run holds only its own workers; at most `max_concurrent`
+runs hold resources at a time, the rest queue.
 
-No starvation when following the stream: a following run never ends by itself, so while a tenant
+Cheap tenants: a tenant of one worker does not need a Ray Train run of its own. While fewer than
+`max_concurrent` runs exist a new tenant opens one (parallelism first); after that it joins the
+smallest run of its shape (same CPUs, threads, resources) holding fewer than `tenants_per_run`
+tenants, even one that is already training (members.json: the run takes it at its next round).
+A data-parallel tenant (`workers` > 1) always has its own run.
+
+No starvation when following the stream: a following run never ends by itself, so while a run
 waits for a slot the manager asks the run that has held one longest to yield after its current
-window (a file in its tenant folder). The yielded tenant is started again, at the back of the
-queue, as soon as a window it has not trained is committed; it resumes from its checkpoint. Every
-tenant therefore trains every committed window within about ceil(tenants / max_concurrent)
-window-trainings (plus run start-ups) of its commit, however many tenants there are.
+round (a file in the run's folder). Its tenants are placed again as soon as a window they have not
+trained is committed; each resumes from its own state file. Every tenant therefore trains every
+committed window within a bounded number of rounds of its commit, however many tenants there are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import time
+from dataclasses import dataclass, field
 
 from pydantic import Field
 
@@ -25,6 +32,7 @@ from actors.remote import fit_tenant_task
 from exfm_ray.configbase import Config
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.errors import ConfigError
+from exfm_ray.files import atomic_write
 from exfm_ray.observability import LOG
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
@@ -35,8 +43,24 @@ class TenantManagerConfig(Config):
     name: str = Field("exfm-tenants", description="Ray actor name (`exfm tenants add` finds the manager by it).")
     namespace: str = Field("exfm", description="Ray namespace of the manager.")
     storage: str = Field(description="Storage root: augmented windows, tenant registry, published students.")
-    max_concurrent: int = Field(4, ge=1, description="Tenant runs holding resources at the same time.")
+    max_concurrent: int = Field(4, ge=1, description="Ray Train runs holding resources at the same time.")
+    tenants_per_run: int = Field(8, ge=1, description="One-worker tenants one run hosts at most (1: every tenant "
+                                 "its own run).")  # fmt: skip
     poll_s: float = Field(1.0, gt=0, description="How often a following run looks for the next window.")
+
+
+@dataclass
+class _Launch:
+    """One Ray Train run the manager started (or queued) and the tenants it hosts."""
+
+    key: str
+    shape: tuple
+    shared: bool
+    members: list[str] = field(default_factory=list)
+    status: str = "queued"  # queued -> running -> ended
+    started_at: float = 0.0
+    yield_requested: bool = False
+    task: asyncio.Task | None = None
 
 
 class TenantManager:
@@ -45,22 +69,25 @@ class TenantManager:
         self.registry = TenantRegistry(cfg.storage)
         self.slots = asyncio.Semaphore(cfg.max_concurrent)
         self.plan: WindowPlan | None = None  # the windows of the current train() call
-        self.runs: dict[str, dict] = {}
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.runs: dict[str, dict] = {}  # per tenant: status, its launch ("group"), times, errors
+        self.launches: dict[str, _Launch] = {}
+        self._seq = 0
 
     async def train(self, first_window: int, last_window: int | None, follow: bool = False) -> dict:
         """Train every active tenant over the windows (and any tenant added meanwhile); returns
         when all runs have ended (following an unbounded stream: never), one summary per tenant."""
         self.plan = WindowPlan(first_window=first_window, last_window=last_window, follow=follow)
         try:
-            for entry in self.registry.active():
-                self._launch(entry)
+            # Data-parallel tenants first: each needs a run of its own, the small ones can share.
+            for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1):
+                self._place(entry)
             while True:
+                self._place_behind()
                 if follow:
-                    self._relaunch_behind()
                     self._make_room()
-                live = [t for t in self.tasks.values() if not t.done()]
-                if not live and (not follow or self._all_through(last_window)):
+                self._refresh()
+                live = [la.task for la in self.launches.values() if la.task is not None and not la.task.done()]
+                if not live and (not follow or self._all_through()):
                     break
                 if live:
                     await asyncio.wait(live, timeout=self.cfg.poll_s, return_when=asyncio.FIRST_COMPLETED)
@@ -71,98 +98,153 @@ class TenantManager:
         return self.status()
 
     async def add(self, cfg: dict, replace: bool = False) -> dict:
-        """Register a tenant (validated against the stream) and, while training, start its run."""
+        """Register a tenant (validated against the stream) and, while training, place it in a run."""
         tenant = TenantConfig.parse(cfg, source="tenant config")
         spec = AugmentedStore(self.cfg.storage).spec()
         if spec is not None:
             resolve(tenant, spec)
-        if replace and tenant.name in self.tasks and not self.tasks[tenant.name].done():
+        if replace and self._launch_of(tenant.name) is not None:
             raise ConfigError(f"tenant {tenant.name!r} is training; remove it and add it again")
         entry = self.registry.add(tenant, replace=replace)
         if self.plan is not None:
-            self._launch(entry)
+            self._place(entry)
         return entry.model_dump(mode="json")
 
     async def remove(self, name: str) -> dict:
-        """Mark removed: its run ends after the window in progress."""
+        """Mark removed: its run drops it after the window in progress."""
         return self.registry.remove(name).model_dump(mode="json")
+
+    def status(self) -> dict:
+        plan = self.plan.model_dump() if self.plan is not None else None
+        groups = {k: {"members": list(la.members), "status": la.status} for k, la in self.launches.items()}
+        return {"training": self.plan is not None, "plan": plan, "runs": dict(self.runs), "groups": groups}
+
+    def _launch_of(self, name: str) -> _Launch | None:
+        return next((la for la in self.launches.values() if name in la.members), None)
+
+    def _place(self, entry: TenantEntry) -> None:
+        """Put the tenant in a run: a new one while there is room for runs, else the smallest of its shape."""
+        assert self.plan is not None
+        name, cfg = entry.config.name, entry.config
+        now = time.time()
+        home = self._launch_of(name)
+        moved = home is None
+        if home is None:
+            shape = (cfg.cpus_per_worker, cfg.threads_per_worker, tuple(sorted(cfg.resources_per_worker.items())),
+                     cfg.max_failures)  # fmt: skip
+            shared = cfg.workers == 1 and self.cfg.tenants_per_run > 1
+            room = [la for la in self.launches.values() if la.shared and la.shape == shape and not la.yield_requested
+                    and len(la.members) < self.cfg.tenants_per_run]  # fmt: skip
+            if shared and room and len(self.launches) >= self.cfg.max_concurrent:
+                home = min(room, key=lambda la: len(la.members))
+            else:
+                home = self._open(entry, shape, shared)
+            home.members.append(name)
+            atomic_write(self.registry.members_path(home.key), json.dumps(home.members))
+        before = self.runs.get(name, {})
+        starts = before.get("starts", 0) if before.get("generation") == entry.generation else 0
+        starts += moved or not starts  # a new run for it, or a new generation in the same run
+        self.runs[name] = {"status": "running" if home.status == "running" else "queued", "run": entry.run_name,
+                           "group": home.key, "queued_at": now, "generation": entry.generation, "starts": starts,
+                           **({"started_at": home.started_at} if home.status == "running" else {})}  # fmt: skip
+
+    def _open(self, entry: TenantEntry, shape: tuple, shared: bool) -> _Launch:
+        self._seq += 1
+        key = f"group-{self._seq}" if shared else f"solo-{entry.config.name}"
+        shutil.rmtree(self.registry.run_dir(key), ignore_errors=True)  # a request meant for an earlier run
+        launch = _Launch(key=key, shape=shape, shared=shared)
+        run_cfg = TenantRunConfig(storage=self.cfg.storage, lead=entry, key=key, plan=self.plan, poll_s=self.cfg.poll_s)
+        self.launches[key] = launch
+        launch.task = asyncio.get_running_loop().create_task(self._run(launch, run_cfg))
+        return launch
+
+    async def _run(self, launch: _Launch, run_cfg: TenantRunConfig) -> None:
+        result = None
+        async with self.slots:
+            launch.status, launch.started_at = "running", time.time()
+            for name in self._hosted(launch):
+                self.runs[name].update(status="running", started_at=launch.started_at)
+            try:
+                result = await fit_tenant_task().remote(run_cfg)
+            except Exception as exc:  # one run's failure is its own; the other runs keep training
+                error = _message(exc)
+                LOG.error("tenant run %s failed: %s", launch.key, error)
+                for name in self._hosted(launch):
+                    self.runs[name].update(status="failed", error=error, ended_at=time.time())
+        launch.status = "ended"
+        done = (result or {}).get("tenants", {})
+        for name in self._hosted(launch):
+            state = self.runs[name]
+            r = done.get(name)
+            if r is not None and r["run"] == state["run"]:
+                state.update(status=r["status"], result=r, ended_at=time.time(), **({"error": r["error"]}
+                             if r.get("error") else {}))  # fmt: skip
+            elif state["status"] in ("queued", "running"):  # joined after the run's last round
+                state.update(status="finished", ended_at=time.time())
+        del self.launches[launch.key]
+        shutil.rmtree(self.registry.run_dir(launch.key), ignore_errors=True)
+
+    def _hosted(self, launch: _Launch) -> list[str]:
+        return [n for n in launch.members if self.runs.get(n, {}).get("group") == launch.key]
+
+    def _refresh(self) -> None:
+        """A running run reports a member it dropped (failed or removed) in the member's progress."""
+        for launch in self.launches.values():
+            if launch.status != "running":
+                continue
+            for name in self._hosted(launch):
+                state = self.runs[name]
+                if state["status"] != "running":
+                    continue
+                p = self.registry.progress(name)
+                if p.get("run") != state["run"] or p.get("updated_at", 0) < launch.started_at:
+                    continue
+                if p.get("phase") == "failed":
+                    state.update(status="failed", error=p.get("error", ""), ended_at=p["updated_at"])
+                elif p.get("phase") == "done":
+                    state.update(status="finished", ended_at=p["updated_at"])
+
+    def _failed(self, entry: TenantEntry) -> bool:
+        state = self.runs.get(entry.config.name, {})
+        return state.get("status") == "failed" and state.get("generation") == entry.generation
 
     def _next_window(self, name: str) -> int:
         assert self.plan is not None
         history = self.registry.history(name)
         return max(self.plan.first_window, history[-1]["window"] + 1) if history else self.plan.first_window
 
-    def _relaunch_behind(self) -> None:
-        """Start a run for every tenant without one that has a committed window left to train."""
+    def _place_behind(self) -> None:
+        """Place every tenant outside a run that has a committed window left to train.
+        (It failed on this config: `exfm tenants add --replace` gives it another try.)"""
         assert self.plan is not None
+        unplaced = [e for e in self.registry.active() if self._launch_of(e.config.name) is None and not self._failed(e)]
+        if not unplaced:
+            return
         committed = set(AugmentedStore(self.cfg.storage).records())
-        for entry in self.registry.active():
-            name = entry.config.name
-            state = self.runs.get(name, {})
-            if name in self.tasks and not self.tasks[name].done():
-                continue
-            if state.get("status") == "failed" and state.get("generation") == entry.generation:
-                continue  # it failed on this config: `exfm tenants add --replace` gives it another try
-            t = self._next_window(name)
-            if t in committed and (self.plan.last_window is None or t <= self.plan.last_window):
-                self._launch(entry)
+        for entry in unplaced:
+            t = self._next_window(entry.config.name)
+            if t in committed and self.plan.covers(t):
+                self._place(entry)
 
     def _make_room(self) -> None:
-        """For each tenant waiting for a slot, ask the run that has held one longest to yield."""
-        waiting = sum(1 for r in self.runs.values() if r["status"] == "queued")
-        asked = sum(1 for r in self.runs.values() if r["status"] == "running" and r.get("yield_requested"))
-        running = sorted(
-            (r.get("started_at", 0.0), n)
-            for n, r in self.runs.items()
-            if r["status"] == "running" and not r.get("yield_requested")
-        )
-        for _, name in running[: max(0, waiting - asked)]:
-            path = self.registry.yield_path(name)
-            path.parent.mkdir(parents=True, exist_ok=True)  # a run that has not written anything yet
+        """For each run waiting for a slot, ask the run that has held one longest to yield."""
+        waiting = sum(1 for la in self.launches.values() if la.status == "queued")
+        asked = sum(1 for la in self.launches.values() if la.status == "running" and la.yield_requested)
+        running = sorted((la.started_at, la.key) for la in self.launches.values()
+                         if la.status == "running" and not la.yield_requested)  # fmt: skip
+        for _, key in running[: max(0, waiting - asked)]:
+            path = self.registry.yield_path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
-            self.runs[name]["yield_requested"] = True
+            self.launches[key].yield_requested = True
 
-    def _all_through(self, last_window: int | None) -> bool:
-        """Every active tenant trained through last_window or failed on its current config."""
-        if last_window is None:
-            return False
-        for entry in self.registry.active():
-            state = self.runs.get(entry.config.name, {})
-            failed = state.get("status") == "failed" and state.get("generation") == entry.generation
-            if not failed and self._next_window(entry.config.name) <= last_window:
-                return False
-        return True
-
-    def status(self) -> dict:
-        plan = self.plan.model_dump() if self.plan is not None else None
-        return {"training": self.plan is not None, "plan": plan, "runs": dict(self.runs)}
-
-    def _launch(self, entry: TenantEntry) -> None:
-        name = entry.config.name
-        if name in self.tasks and not self.tasks[name].done():
-            return
+    def _all_through(self) -> bool:
+        """Every active tenant trained through the plan's last window or failed on its current config."""
         assert self.plan is not None
-        self.registry.yield_path(name).unlink(missing_ok=True)  # a request meant for an earlier run
-        run_cfg = TenantRunConfig(
-            storage=self.cfg.storage, entry=entry, poll_s=self.cfg.poll_s, **self.plan.model_dump()
-        )
-        before = self.runs.get(name, {})
-        starts = before.get("starts", 0) + 1 if before.get("generation") == entry.generation else 1
-        self.runs[name] = {"status": "queued", "run": entry.run_name, "queued_at": time.time(),
-                           "generation": entry.generation, "starts": starts}  # fmt: skip
-        self.tasks[name] = asyncio.get_running_loop().create_task(self._run(name, run_cfg))
-
-    async def _run(self, name: str, run_cfg: TenantRunConfig) -> None:
-        state = self.runs[name]
-        async with self.slots:
-            state.update(status="running", started_at=time.time())
-            try:
-                result = await fit_tenant_task().remote(run_cfg)
-            except Exception as exc:  # one tenant's failure is its own; the others keep training
-                state.update(status="failed", error=_message(exc), ended_at=time.time())
-                LOG.error("tenant %s failed: %s", name, state["error"])
-                return
-            state.update(status="finished", result=result, ended_at=time.time())
+        if self.plan.last_window is None:
+            return False
+        return all(self._failed(e) or not self.plan.covers(self._next_window(e.config.name))
+                   for e in self.registry.active())  # fmt: skip
 
 
 def _message(exc: BaseException) -> str:

@@ -52,7 +52,7 @@ from exfm_ray.fm.config import FMConfig
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
 from exfm_ray.tenants.run import TenantRun
-from exfm_ray.tenants.trainer import TenantRunConfig
+from exfm_ray.tenants.trainer import TenantRunConfig, WindowPlan
 
 # Logical CPUs a local bench cluster needs: two Ray Train runs of one worker each.
 BENCH_CPUS = 2
@@ -253,7 +253,8 @@ class _FollowedRun:
         self._seen: tuple[int, int] | None = None
         self._progress: dict = {}
         entry = self.registry.add(tenant)
-        run_cfg = TenantRunConfig(storage=str(storage), entry=entry, last_window=last_window, follow=True, poll_s=0.05)
+        plan = WindowPlan(last_window=last_window, follow=True)
+        run_cfg = TenantRunConfig(storage=str(storage), lead=entry, plan=plan, poll_s=0.05)
         self.ref = fit_tenant_task().remote(run_cfg)
 
     def stage(self, t: int, *, as_window: int) -> Callable[[], None]:

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--windows", required=True, help="A:B (inclusive), or A: with --follow to follow the stream")
     p.add_argument("--follow", action="store_true", help="wait for windows the DAS has not committed yet")
     p.add_argument("--max-concurrent", type=int, default=4, help="tenant runs holding resources at a time")
+    p.add_argument(
+        "--tenants-per-run",
+        type=int,
+        default=8,
+        help="one-worker tenants one Ray Train run hosts at most (1: each tenant its own run)",
+    )
     p.add_argument("--storage", type=Path, help="storage root (default EXFM_STORAGE or runs/store)")
     p.add_argument("--address", help="Ray cluster address (default: EXFM_RAY_ADDRESS, else a local Ray)")
     p.add_argument(
@@ -45,11 +51,14 @@ def run(args: argparse.Namespace) -> int:
 
     storage = (args.storage or Settings().storage).resolve()
     first, last = parse_window_range(args.windows, args.follow)
-    if args.max_concurrent < 1:
-        raise ConfigError("--max-concurrent must be >= 1")
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--tenants-per-run", args.tenants_per_run)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1")
     tenants = check_ready(storage, first, last, args.follow)
     connect(args.address or Settings().ray_address)
-    cfg = TenantManagerConfig(storage=str(storage), max_concurrent=args.max_concurrent)
+    cfg = TenantManagerConfig(
+        storage=str(storage), max_concurrent=args.max_concurrent, tenants_per_run=args.tenants_per_run
+    )
     status = train_tenants(cfg, first, last, args.follow, show_progress=not args.no_progress)
     out = args.out or storage / "reports" / "train"
     paths = write_storage_report(storage, out, list(status["runs"]) or tenants)

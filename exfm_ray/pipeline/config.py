@@ -33,6 +33,7 @@ class PipelineConfig(Config):
     )
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student of the default tenants.")
     max_concurrent_tenants: int = Field(4, ge=1, description="Tenant training runs holding resources at a time.")
+    tenants_per_run: int = Field(8, ge=1, description="One-worker tenants one training run hosts at most.")
     das_batch_size: int = Field(4096, gt=0, description="Rows per FM call in the DAS.")
     serve: dict = Field(
         default_factory=dict, description="ServeConfig fields for the student service (port, host, replicas ...)."

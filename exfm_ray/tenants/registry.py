@@ -2,8 +2,10 @@
 
     <storage>/tenants/registry.json        {"tenants": {name: TenantEntry}}
     <storage>/tenants/<name>/progress.json what its trainer is doing now (window, batch, pid)
-    <storage>/tenants/<name>/metrics.json  per-window metrics of the latest checkpoint
-    <storage>/tenants/<name>/ray-train/    Ray Train run (checkpoints) of the tenant
+    <storage>/tenants/<name>/metrics.json  per-window metrics of its latest state
+    <storage>/tenants/<name>/state.pt      its resume point (exfm_ray/tenants/outputs.py)
+    <storage>/tenant-runs/<run>/           a Ray Train run hosting tenants: members.json (which
+                                           tenants it trains, written by the tenant manager), yield
 
 Why a manifest and not an actor: the registry must outlive every process (jobs, the tenant
 manager, the cluster), and the trainers, the CLI and serving only ever read it. Writes are
@@ -44,7 +46,7 @@ class TenantEntry(Config):
 
     @property
     def run_name(self) -> str:
-        """Ray Train run of this tenant: the same name resumes from its latest checkpoint."""
+        """This registration of the tenant (name and generation): its state and versions carry it."""
         return f"{self.config.name}-g{self.generation}"
 
 
@@ -59,15 +61,20 @@ class TenantRegistry:
     def progress_path(self, name: str) -> Path:
         return self.tenant_dir(name) / "progress.json"
 
-    def yield_path(self, name: str) -> Path:
-        """Present while the tenant manager asks the tenant's run to end after its current window."""
-        return self.tenant_dir(name) / "yield"
+    def run_dir(self, key: str) -> Path:
+        """Files of one Ray Train run hosting tenants (keys: `solo-<tenant>`, `group-<n>`)."""
+        return self.root.parent / "tenant-runs" / key
+
+    def members_path(self, key: str) -> Path:
+        """The tenants the run trains (a JSON list of names): the manager adds to it while it runs."""
+        return self.run_dir(key) / "members.json"
+
+    def yield_path(self, key: str) -> Path:
+        """Present while the tenant manager asks the run to give up its slot after its current window."""
+        return self.run_dir(key) / "yield"
 
     def metrics_path(self, name: str) -> Path:
         return self.tenant_dir(name) / "metrics.json"
-
-    def train_storage(self, name: str) -> Path:
-        return self.tenant_dir(name) / "ray-train"
 
     def entries(self) -> dict[str, TenantEntry]:
         if not self.manifest.exists():

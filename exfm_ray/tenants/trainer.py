@@ -1,33 +1,36 @@
-"""A tenant's Ray Train run: `build_tenant_trainer(...)` -> TorchTrainer running `train_loop`.
+"""A Ray Train run hosting tenants: `build_tenant_trainer(...)` -> TorchTrainer running `train_loop`.
 
-Each run reads its tenant's rows of the augmented windows straight from the DAS's Parquet (one
+A run trains either one tenant on its own workers (data parallel when `workers` > 1) or a group of
+small one-worker tenants on one worker: the marginal tenant then costs its student and optimizer,
+not a Ray Train run of its own (controller, workers, each a Python process importing torch). The
+tenant manager decides the grouping and may add members while the run is going (members.json);
+every member walks the windows with its own `TenantRun`, one window per member per round.
+
+Each run reads its tenants' rows of the augmented windows straight from the DAS's Parquet (one
 Ray Dataset stream cannot feed several trainers), evaluates on window t before training on it,
-and after each window reports its metrics with a checkpoint, then publishes the serving path.
+then saves the tenant's state, metrics and published student (exfm_ray/tenants/outputs.py).
 
-- Resume: the run's name is fixed per tenant (and generation), so Ray Train finds the latest
-  checkpoint of an earlier or crashed run of it; `ray.train.get_checkpoint()` restores the
-  student, optimizers and history, and the run continues with the next window. A worker killed
-  mid-window restarts the window from the last checkpoint, so its metrics are reported once.
-- Continuous mode (`follow`): when the next window is not committed yet, the run waits for the
-  DAS and picks it up; it stops at `last_window`, or when the tenant is removed.
+- Resume: every tenant resumes from its own state file, whichever run hosts it next; a worker
+  killed mid-window is restarted by Ray Train (FailureConfig) and the window is trained again from
+  the state, so its metrics are recorded once.
+- Isolation: in a group, a member whose config or window fails is dropped (its progress says
+  "failed" and why); the other members keep training.
+- Continuous mode (`follow`): when no member's next window is committed, the run waits for the
+  DAS; it stops at `last_window`, when no member is left, or when asked to yield its slot.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
+import json
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
-from exfm_ray.numbers import finite
+from exfm_ray.tenants.outputs import TenantFiles
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
-
-STATE_FILE = "state.pt"
 
 
 class WindowPlan(Config):
@@ -37,227 +40,186 @@ class WindowPlan(Config):
     last_window: int | None = Field(None, ge=0, description="Last window to train on; None: follow the stream.")
     follow: bool = Field(False, description="Wait for windows the DAS has not committed yet instead of failing.")
 
-
-class TenantRunConfig(Config):
-    storage: str = Field(description="Storage root: augmented windows, tenant registry, published students.")
-    entry: TenantEntry = Field(description="The tenant's registry entry (config and generation).")
-    first_window: int = Field(0, ge=0, description="First window to train on (a resumed run starts after its last).")
-    last_window: int | None = Field(None, ge=0, description="Last window to train on; None: follow the stream.")
-    follow: bool = Field(False, description="Wait for windows the DAS has not committed yet instead of failing.")
-    poll_s: float = Field(1.0, gt=0, description="How often a following run looks for a new window.")
-    progress_every_s: float = Field(0.5, gt=0, description="How often rank 0 rewrites progress.json.")
-    yield_after: int = Field(4, ge=1, description="Windows a run asked to give up its slot still trains when far "
-                             "behind (caught up, it yields at once).")  # fmt: skip
-
     @model_validator(mode="after")
-    def _bounded(self) -> TenantRunConfig:
+    def _bounded(self) -> WindowPlan:
         if self.last_window is None and not self.follow:
             raise ValueError("last_window is required unless follow is set")
         return self
 
+    def covers(self, t: int) -> bool:
+        return self.last_window is None or t <= self.last_window
 
-def version_name(entry: TenantEntry, window: int) -> str:
-    return f"g{entry.generation}-w{window:04d}"
+
+class TenantRunConfig(Config):
+    storage: str = Field(description="Storage root: augmented windows, tenant registry, published students.")
+    lead: TenantEntry = Field(description="The tenant the run was opened for: its workers and resources size the run.")
+    key: str = Field("", description="The run's key (`solo-<tenant>`, `group-<n>`); empty: solo-<lead>.")
+    plan: WindowPlan = Field(description="The windows to train.")
+    poll_s: float = Field(1.0, gt=0, description="How often a following run looks for a new window.")
+    progress_every_s: float = Field(0.5, gt=0, description="How often rank 0 rewrites a tenant's progress.json.")
+    yield_after: int = Field(4, ge=1, description="Rounds a run asked to give up its slot still trains when far "
+                             "behind (caught up, it yields at once).")  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keyed(cls, data):
+        if isinstance(data, dict) and not data.get("key") and data.get("lead") is not None:
+            lead = data["lead"]
+            name = lead.config.name if isinstance(lead, TenantEntry) else lead["config"]["name"]
+            data = {**data, "key": f"solo-{name}"}
+        return data
+
+
+@dataclass
+class _Member:
+    entry: TenantEntry
+    run: object  # TenantRun
+    files: TenantFiles
+    next: int
+
+
+class _Group:
+    """The tenants one worker trains, kept in step with members.json and the registry."""
+
+    def __init__(self, run_cfg: TenantRunConfig, registry: TenantRegistry, spec, rank: int, world: int):
+        self.cfg, self.registry, self.spec = run_cfg, registry, spec
+        self.rank, self.world = rank, world
+        self.members: dict[str, _Member] = {}
+        self.results: dict[str, dict] = {}
+        self.failed: set[str] = set()  # run names that failed here: not taken again by this run
+
+    def sync(self) -> None:
+        entries = self.registry.entries()
+        names = self._names()
+        for name, m in list(self.members.items()):
+            if name not in names or not _current(entries, m.entry):  # removed, re-added or moved away
+                self._drop(m, "finished")
+        for name in names:
+            entry = entries.get(name)
+            if name in self.members or entry is None or entry.status != "active" or entry.run_name in self.failed:
+                continue
+            self._join(entry)
+
+    def _names(self) -> list[str]:
+        lead = self.cfg.lead.config.name
+        if self.world > 1:
+            return [lead]  # a data-parallel run hosts its tenant only
+        try:
+            return json.loads(self.registry.members_path(self.cfg.key).read_text())
+        except FileNotFoundError:
+            return [lead]
+
+    def _join(self, entry: TenantEntry) -> None:
+        from exfm_ray.tenants.config import resolve
+        from exfm_ray.tenants.run import TenantRun
+
+        files = TenantFiles(self.cfg.storage, entry, self.registry, self.rank, self.cfg.progress_every_s)
+        try:
+            sync = _allreduce_mean if self.world > 1 else None
+            run = TenantRun(resolve(entry.config, self.spec), rank=self.rank, world_size=self.world, grad_sync=sync)
+            files.restore(run)
+        except Exception as exc:
+            if self.world > 1:
+                raise
+            self._fail(entry, files, exc, self.cfg.plan.first_window)
+            return
+        start = max(self.cfg.plan.first_window, run.last_window + 1)
+        self.members[entry.config.name] = _Member(entry, run, files, start)
+
+    def train(self, m: _Member, table) -> bool:
+        """Evaluate and train m on its next window; False if it failed (and was dropped)."""
+        t = m.next
+        progress = lambda phase, i, n: m.files.progress(len(m.run.history), t, phase, i, n)  # noqa: E731
+        try:
+            record = m.run.window(t, table, progress)
+        except Exception as exc:
+            if self.world > 1:
+                raise  # the other ranks are inside the same all-reduce: let Ray Train restart them
+            del self.members[m.entry.config.name]
+            self._fail(m.entry, m.files, exc, t)
+            return False
+        m.files.after_window(m.run, record)
+        m.next += 1
+        return True
+
+    def _fail(self, entry: TenantEntry, files: TenantFiles, exc: Exception, window: int) -> None:
+        from exfm_ray.observability import LOG
+
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        LOG.error("tenant %s failed in run %s: %s", entry.config.name, self.cfg.key, error)
+        self.failed.add(entry.run_name)
+        files.progress(0, window, "failed", 0, 0, error=error)
+        self.results[entry.config.name] = {"tenant": entry.config.name, "run": entry.run_name, "status": "failed",
+                                           "error": error, "windows": [], "last_window": window - 1}  # fmt: skip
+
+    def _drop(self, m: _Member, status: str) -> None:
+        self.members.pop(m.entry.config.name, None)
+        m.files.progress(len(m.run.history), m.run.last_window, "done", 0, 0)
+        self.results[m.entry.config.name] = {
+            "tenant": m.entry.config.name, "run": m.entry.run_name, "status": status,
+            "windows": [r["window"] for r in m.run.history], "last_window": m.run.last_window,
+        }  # fmt: skip
+
+    def finish(self) -> dict[str, dict]:
+        for m in list(self.members.values()):
+            self._drop(m, "finished")
+        return self.results
 
 
 def train_loop(config: dict) -> dict:
-    """Runs on every worker of a tenant's TorchTrainer; rank 0 returns the run's summary."""
+    """Runs on every worker of a run; rank 0 returns the run's summary, one entry per tenant."""
     import ray.train
     import torch
 
     from exfm_ray.das.store import AugmentedStore
-    from exfm_ray.tenants.config import resolve
-    from exfm_ray.tenants.run import TenantRun
 
     run_cfg = TenantRunConfig.model_validate(config["run"])
-    entry, cfg = run_cfg.entry, run_cfg.entry.config
+    plan = run_cfg.plan
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.threads_per_worker)
+    torch.set_num_threads(run_cfg.lead.config.threads_per_worker)
     store = AugmentedStore(run_cfg.storage)
     registry = TenantRegistry(run_cfg.storage)
-    files = _TenantFiles(run_cfg, registry, rank)
-    spec = _wait_for_spec(store, run_cfg, files)
-    run = TenantRun(resolve(cfg, spec), rank=rank, world_size=world, grad_sync=_allreduce_mean if world > 1 else None)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
-        files.after_restore(run)
-    t = max(run_cfg.first_window, run.last_window + 1)
     started = time.time()
-    trained_here = 0
-    while run_cfg.last_window is None or t <= run_cfg.last_window:
-        if not _active(registry, entry):
+    group = _Group(run_cfg, registry, _wait_for_spec(store, run_cfg), rank, world)
+    rounds = 0
+    while True:
+        group.sync()
+        pending = [m for m in group.members.values() if plan.covers(m.next)]
+        if not pending:
             break
-        committed = t in store.records()
-        # Its slot is wanted by a waiting tenant: give it up once caught up, or after a quantum of
-        # windows when far behind; the manager starts it again when a window is left for it.
-        if registry.yield_path(cfg.name).exists() and (not committed or trained_here >= run_cfg.yield_after):
+        committed = store.records()
+        ready = [m for m in pending if m.next in committed]
+        # Its slot is wanted by a waiting run: give it up once caught up, or after a quantum of
+        # rounds when far behind; the manager starts its tenants again when a window is left.
+        if registry.yield_path(run_cfg.key).exists() and (not ready or rounds >= run_cfg.yield_after):
             break
-        if not committed:
-            if not run_cfg.follow:
-                raise ExfmError(f"tenant {cfg.name}: augmented window {t} is not committed; run the DAS first")
-            files.progress(len(run.history), t, "waiting", 0, 0)
+        if not ready:
+            if not plan.follow:
+                waiting = ", ".join(f"{m.entry.config.name} (window {m.next})" for m in pending)
+                raise ExfmError(f"augmented windows not committed for {waiting}; run the DAS first")
+            for m in pending:
+                m.files.progress(len(m.run.history), m.next, "waiting", 0, 0)
             time.sleep(run_cfg.poll_s)
             continue
-        table = store.read_window(t, columns=run.view.columns)
-        record = run.window(t, table, lambda phase, i, n, t=t: files.progress(len(run.history), t, phase, i, n))
-        metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and math.isfinite(v)}
-        _report(metrics, run.state_dict() if rank == 0 else None)
-        files.after_window(run, record)
-        t += 1
-        trained_here += 1
-    files.progress(len(run.history), run.last_window, "done", 0, 0)
-    return {
-        "tenant": cfg.name,
-        "run": entry.run_name,
-        "windows": [r["window"] for r in run.history],
-        "last_window": run.last_window,
-        "seconds": round(time.time() - started, 2),
-    }
+        for m in ready:
+            group.train(m, store.read_window(m.next, columns=m.run.view.columns))
+        rounds += 1
+    return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
 
 
-def _report(metrics: dict, state: dict | None) -> None:
-    """Report the window with its checkpoint, uploaded in the background.
-
-    A synchronous report blocks until the controller has taken the previous one, and it polls
-    every 2 s: with windows shorter than that, training would wait on it (measured: the Ray run
-    at half the rows/s of the plain loop). The upload thread reports in order; a crash before it
-    finishes costs one window of recomputation, and the history stays exactly-once because it is
-    part of the checkpoint."""
-    import ray.train
-    import torch
-    from ray.train import CheckpointUploadMode
-
-    checkpoint = None
-    if state is not None:
-        folder = Path(tempfile.mkdtemp(prefix="exfm-tenant-ckpt-"))
-        torch.save(state, folder / STATE_FILE)
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-    ray.train.report(
-        metrics,
-        checkpoint=checkpoint,
-        checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-        delete_local_checkpoint_after_upload=True,
-    )
-
-
-class _TenantFiles:
-    """What rank 0 leaves for people and serving: progress, per-window metrics, published students."""
-
-    def __init__(self, run_cfg: TenantRunConfig, registry: TenantRegistry, rank: int):
-        self.cfg = run_cfg
-        self.registry = registry
-        self.rank = rank
-        self.name = run_cfg.entry.config.name
-        self._last_progress = 0.0
-        self._last_key: tuple | None = None
-
-    def progress(self, windows_done: int, window: int, phase: str, done: int, total: int) -> None:
-        now = time.time()
-        # A following run polls often: rewrite an unchanged "waiting" only now and then.
-        repeat = phase == "waiting" and self._last_key == (phase, window)
-        partial = phase == "train" and 0 < done < total
-        if self.rank != 0 or ((repeat or partial) and now - self._last_progress < self.cfg.progress_every_s):
-            return
-        self._last_progress, self._last_key = now, (phase, window)
-        import json
-
-        from exfm_ray.files import atomic_write
-
-        atomic_write(
-            self.registry.progress_path(self.name),
-            json.dumps({"run": self.cfg.entry.run_name, "window": window, "phase": phase, "batch": done,
-                        "batches": total, "windows_done": windows_done, "pid": os.getpid(), "updated_at": now}),
-        )  # fmt: skip
-
-    def after_window(self, run, record: dict) -> None:
-        from exfm_ray.observability import LOG, gauge
-
-        if self.rank != 0:
-            return
-        self._write_metrics(run)
-        # A tenant removed while this window trained is no longer served: do not publish it again.
-        published = self._publish(run) if _active(self.registry, self.cfg.entry) else None
-        tags = {"tenant": self.name}
-        for key in ("ne", "auc", "calibration", "control_ne", "fm_ne", "served_ne", "rows_per_s"):
-            value = record.get(key)
-            if isinstance(value, float) and math.isfinite(value):
-                gauge(f"tenant_{key}", f"Tenant student {key} on its latest window", ("tenant",)).set(value, tags)
-        LOG.info(summary_line(self.name, record, published))
-
-    def after_restore(self, run) -> None:
-        """A crash may have come between the checkpoint and these files: bring them up to date."""
-        if self.rank == 0 and run.history:
-            self._write_metrics(run)
-            self._publish(run)
-
-    def _write_metrics(self, run) -> None:
-        import json
-
-        from exfm_ray.files import atomic_write, json_safe
-
-        atomic_write(self.registry.metrics_path(self.name), json.dumps(json_safe(run.history), indent=1))
-
-    def _publish(self, run) -> str | None:
-        from exfm_ray.students.checkpoint import student_meta
-        from exfm_ray.students.store import StudentStore
-
-        store = StudentStore(self.cfg.storage)
-        version = version_name(self.cfg.entry, run.last_window)
-        latest = store.latest(self.name)
-        if latest is not None and latest.version == version:
-            return version
-        if not run.healthy():
-            return None
-        last = run.history[-1]
-        cfg = self.cfg.entry.config
-        meta = student_meta(
-            run.view.spec,
-            self.name,
-            cfg.student,
-            version=version,
-            window=run.last_window,
-            fm_versions=sorted(run.fm_versions),
-            metrics={
-                k: last.get(k)
-                for k in ("ne", "auc", "calibration", "loss", "control_ne", "base_rate_ne", "served_ne")
-                if finite(last.get(k))
-            },
-            variant=cfg.variant,
-            served=run.served_choice,
-            guard_reason=last.get("guard_reason", ""),
-        )
-        store.publish(run.served_model(), meta)
-        return version
-
-
-def summary_line(tenant: str, r: dict, published: str | None) -> str:
-    def f(key: str) -> str:
-        v = r.get(key)
-        return f"{v:.4f}" if finite(v) else "-"
-
-    return (
-        f"tenant {tenant} window {r['window']}: NE {f('ne')} (alone {f('control_ne')}, FM {f('fm_ne')}), "
-        f"AUC {f('auc')}, {r['rows']} rows, {r.get('rows_per_s', 0):,.0f} rows/s, "
-        f"published {published or 'nothing'} ({r.get('guard_choice', 'exfm')}: {r.get('guard_reason', '')})"
-    )
-
-
-def _active(registry: TenantRegistry, entry: TenantEntry) -> bool:
-    now = registry.entries().get(entry.config.name)
+def _current(entries: dict[str, TenantEntry], entry: TenantEntry) -> bool:
+    now = entries.get(entry.config.name)
     return now is not None and now.status == "active" and now.generation == entry.generation
 
 
-def _wait_for_spec(store, run_cfg: TenantRunConfig, files: _TenantFiles):
+def _wait_for_spec(store, run_cfg: TenantRunConfig):
     while True:
         spec = store.spec()
         if spec is not None:
             return spec
-        if not run_cfg.follow:
+        if not run_cfg.plan.follow:
             raise ExfmError(f"no augmented windows in {store.root}: run the DAS first")
-        files.progress(0, run_cfg.first_window, "waiting", 0, 0)
         time.sleep(run_cfg.poll_s)
 
 
@@ -278,11 +240,11 @@ def _allreduce_mean(params: list) -> None:
 
 
 def build_tenant_trainer(run_cfg: TenantRunConfig):
-    """The TorchTrainer of one tenant: its own workers and resources, a fixed run name to resume by."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """The TorchTrainer of one run: its own workers and resources, sized by its lead tenant."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    entry, cfg = run_cfg.entry, run_cfg.entry.config
+    cfg = run_cfg.lead.config
     registry = TenantRegistry(run_cfg.storage)
     return TorchTrainer(
         train_loop,
@@ -294,16 +256,15 @@ def build_tenant_trainer(run_cfg: TenantRunConfig):
             resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker},
         ),
         run_config=RunConfig(
-            name=entry.run_name,
-            storage_path=str(registry.train_storage(cfg.name).resolve()),
+            name=run_cfg.key,
+            storage_path=str((registry.run_dir(run_cfg.key) / "ray-train").resolve()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
 
 
 def fit_tenant(run_cfg: TenantRunConfig) -> dict:
-    """Train one tenant to the end of its windows (blocking); returns the run's summary."""
+    """Train the run's tenants to the end of its windows (blocking); returns the run's summary."""
     result = build_tenant_trainer(run_cfg).fit()
     if result.error is not None:
         raise result.error

@@ -22,7 +22,7 @@ from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
 from exfm_ray.tenants.run import TenantRun
-from exfm_ray.tenants.trainer import TenantRunConfig
+from exfm_ray.tenants.trainer import TenantRunConfig, WindowPlan
 from jobs.cli import main
 
 pytestmark = pytest.mark.ray
@@ -61,7 +61,10 @@ def history(storage, name):
     return reg.history(name)
 
 
-def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(source, tmp_path, ray_cluster):
+def test_tenants_train_concurrently_follow_the_stream_share_runs_and_take_new_tenants(source, tmp_path, ray_cluster):
+    """Two runs: `stories` (data parallel) alone, and one run hosting every one-worker tenant,
+    including `search` added while it trains and `broken` (its rows name no stream tenant), which
+    fails alone: a group that stopped on it, or a manager that gave each tenant a run, fails here."""
     storage = tmp_path
     for t in range(4):  # the DAS has finished windows 0..3 so far
         commit(source, storage, t)
@@ -69,7 +72,8 @@ def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(sourc
     reg.add(TenantConfig(name="feed", control=True))
     reg.add(TenantConfig(name="stories", control=True, workers=2))  # data parallel over 2 workers
     reg.add(TenantConfig(name="feed_tmp", rows=["feed"], student={"batch_size": 32}))
-    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=4, poll_s=0.3))
+    reg.add(TenantConfig(name="broken", rows=["no_such_tenant"]))
+    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=2, poll_s=0.3))
     try:
         done = manager.train.remote(0, WINDOWS - 1, True)
         wait_until(lambda: len(history(storage, "feed")) >= 1, what="feed's first window")
@@ -87,10 +91,14 @@ def test_tenants_train_concurrently_follow_the_stream_and_take_new_tenants(sourc
     finally:
         ray.kill(manager)
     runs = status["runs"]
-    assert {n: r["status"] for n, r in runs.items()} == dict.fromkeys(
-        ["feed", "stories", "feed_tmp", "search"], "finished"
-    )
-    # concurrent: each of the first two started before the other finished
+    assert {n: r["status"] for n, r in runs.items()} == {
+        **dict.fromkeys(["feed", "stories", "feed_tmp", "search"], "finished"),
+        "broken": "failed",
+    }
+    assert "no_such_tenant" in runs["broken"]["error"] and history(storage, "broken") == []
+    group = {n: r["group"] for n, r in runs.items()}
+    assert group["stories"] == "solo-stories" and len({group[n] for n in ("feed", "feed_tmp", "search", "broken")}) == 1
+    # concurrent: each of the two runs started before the other finished
     assert (
         runs["feed"]["started_at"] < runs["stories"]["ended_at"]
         and runs["stories"]["started_at"] < runs["feed"]["ended_at"]
@@ -117,7 +125,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
         commit(source, storage, t)
     cfg = TenantConfig(name="feed_ft", rows=["feed"], student={"batch_size": 8})  # slow windows: time to kill
     entry = TenantRegistry(storage).add(cfg)
-    ref = fit_tenant_task().remote(TenantRunConfig(storage=str(storage), entry=entry, last_window=3))
+    ref = fit_tenant_task().remote(TenantRunConfig(storage=str(storage), lead=entry, plan=WindowPlan(last_window=3)))
     reg = TenantRegistry(storage)
 
     def mid_window_2():
@@ -126,8 +134,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
 
     killed = wait_until(mid_window_2, what="window 2 in training")["pid"]
     os.kill(killed, signal.SIGKILL)
-    result = ray.get(ref, timeout=600)
-    assert result["windows"] == [0, 1, 2, 3] and result["last_window"] == 3
+    result = ray.get(ref, timeout=600)["tenants"]["feed_ft"]
+    assert result["windows"] == [0, 1, 2, 3] and result["last_window"] == 3 and result["status"] == "finished"
     assert reg.read_json(reg.progress_path("feed_ft"))["pid"] != killed  # a new worker finished it
     h = history(storage, "feed_ft")
     assert [r["window"] for r in h] == [0, 1, 2, 3]
@@ -141,7 +149,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
 
 
 def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_its_own(source, tmp_path):
-    """Three tenants follow an unbounded stream with one slot. `broken` (its rows name no stream
+    """Three tenants, a run each, follow an unbounded stream with one slot. `broken` (its rows name no stream
     tenant: it registers, then fails when its run starts) goes first. A following run never ends by
     itself: before the manager asked runs to yield, the first healthy run held the slot forever and
     the other tenant never trained. A manager that stopped on the failure, kept its slot, or started
@@ -154,7 +162,9 @@ def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_i
     reg.add(TenantConfig(name="broken", rows=["no_such_tenant"], max_failures=0))  # first in, first run
     for name in healthy:
         reg.add(TenantConfig(name=name, guard=False, student={"size": 1}))
-    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=1, poll_s=0.3))
+    manager = start_tenant_manager(
+        TenantManagerConfig(storage=str(storage), max_concurrent=1, tenants_per_run=1, poll_s=0.3)
+    )
     try:
         following = manager.train.remote(0, None, True)  # follows the stream with no end
         trained = lambda n: all(len(history(storage, name)) >= n for name in healthy)  # noqa: E731

@@ -45,7 +45,8 @@ FROZEN = {
         "--dataset", "--data", "--mapping", "--data-dir", "--windows", "--rows-per-window", "--tenants", "--config",
         "--storage", "--address", "--exit",
     },
-    "train": {"--address", "--follow", "--max-concurrent", "--no-progress", "--out", "--storage", "--windows"},
+    "train": {"--address", "--follow", "--max-concurrent", "--no-progress", "--out", "--storage", "--tenants-per-run",
+              "--windows"},
 }  # fmt: skip
 
 

@@ -179,13 +179,11 @@ def test_the_documented_tenant_yaml_resolves_against_the_synthetic_stream(augmen
 
 
 def test_a_waiting_run_rewrites_its_progress_only_when_something_changes(tmp_path):
-    from exfm_ray.tenants.trainer import TenantRunConfig, _TenantFiles
+    from exfm_ray.tenants.outputs import TenantFiles
 
     reg = TenantRegistry(tmp_path)
     entry = reg.add(TenantConfig(name="feed"))
-    files = _TenantFiles(
-        TenantRunConfig(storage=str(tmp_path), entry=entry, follow=True, progress_every_s=60), reg, rank=0
-    )
+    files = TenantFiles(str(tmp_path), entry, reg, rank=0, progress_every_s=60)
     path = reg.progress_path("feed")
 
     def written():
