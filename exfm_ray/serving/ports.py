@@ -102,12 +102,17 @@ def _stop(pid: int, wait_s: float = 5.0) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and (_PROC / str(pid)).exists() and _read(pid, "stat").split()[2:3] != ["Z"]:
+        while time.monotonic() < deadline and not _exited(pid):
             time.sleep(0.05)
         if (_PROC / str(pid)).exists():
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent to reap it (it holds no port any more)."""
+    return not (_PROC / str(pid)).exists() or _read(pid, "stat").split()[2:3] == ["Z"]
 
 
 def _read(pid: int, name: str) -> str:
