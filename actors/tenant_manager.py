@@ -1,9 +1,11 @@
 """The tenant manager: runs every registered tenant's training in Ray Train runs, several at once,
 and takes new tenants while it runs.
 
-A plain class (actors/launch.py makes it a named async actor). Each run's TorchTrainer.fit() runs
-in its own Ray task, so a slow or failing run holds only its own workers; at most `max_concurrent`
-runs hold resources at a time, the rest queue.
+A plain class (actors/launch.py makes it a named async actor). Each run's TorchTrainer.fit() waits
+in a thread of the manager (not a Ray task of its own: that was one more Python process importing
+torch, ~500 MB, per run); the run's controller and workers are actors of their own, so a slow or
+failing run holds only its own workers. At most `max_concurrent` runs hold resources at a time, the
+rest queue.
 
 Cheap tenants: a tenant of one worker does not need a Ray Train run of its own. While fewer than
 `max_concurrent` runs exist a new tenant opens one (parallelism first); after that it joins the
@@ -24,11 +26,11 @@ import asyncio
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from actors.remote import fit_tenant_task
 from exfm_ray.configbase import Config
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.errors import ConfigError
@@ -36,7 +38,7 @@ from exfm_ray.files import atomic_write
 from exfm_ray.observability import LOG
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
-from exfm_ray.tenants.trainer import TenantRunConfig, WindowPlan
+from exfm_ray.tenants.trainer import TENANTS_PER_RUN, TenantRunConfig, WindowPlan, fit_tenant
 
 
 class TenantManagerConfig(Config):
@@ -44,8 +46,8 @@ class TenantManagerConfig(Config):
     namespace: str = Field("exfm", description="Ray namespace of the manager.")
     storage: str = Field(description="Storage root: augmented windows, tenant registry, published students.")
     max_concurrent: int = Field(4, ge=1, description="Ray Train runs holding resources at the same time.")
-    tenants_per_run: int = Field(8, ge=1, description="One-worker tenants one run hosts at most (1: every tenant "
-                                 "its own run).")  # fmt: skip
+    tenants_per_run: int = Field(TENANTS_PER_RUN, ge=1, description="One-worker tenants one run hosts at "
+                                 "most (1: every tenant its own run).")  # fmt: skip
     poll_s: float = Field(1.0, gt=0, description="How often a following run looks for the next window.")
 
 
@@ -68,10 +70,12 @@ class TenantManager:
         self.cfg = cfg
         self.registry = TenantRegistry(cfg.storage)
         self.slots = asyncio.Semaphore(cfg.max_concurrent)
+        self.fits = ThreadPoolExecutor(cfg.max_concurrent, thread_name_prefix="tenant-run")
         self.plan: WindowPlan | None = None  # the windows of the current train() call
         self.runs: dict[str, dict] = {}  # per tenant: status, its launch ("group"), times, errors
         self.launches: dict[str, _Launch] = {}
         self._seq = 0
+        self._stopping = False
 
     async def train(self, first_window: int, last_window: int | None, follow: bool = False) -> dict:
         """Train every active tenant over the windows (and any tenant added meanwhile); returns
@@ -81,7 +85,7 @@ class TenantManager:
             # Data-parallel tenants first: each needs a run of its own, the small ones can share.
             for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1):
                 self._place(entry)
-            while True:
+            while not self._stopping:
                 self._place_behind()
                 if follow:
                     self._make_room()
@@ -110,6 +114,17 @@ class TenantManager:
             self._place(entry)
         return entry.model_dump(mode="json")
 
+    async def stop(self, timeout_s: float = 120.0) -> dict:
+        """Ask every run to end after its round and wait for them, so that their workers and placement
+        groups are released now (a killed manager leaves that to Ray Train's cleaner: minutes here)."""
+        self._stopping = True
+        for launch in self.launches.values():
+            self._ask_to_yield(launch)
+        tasks = [la.task for la in self.launches.values() if la.task is not None and not la.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        return self.status()
+
     async def remove(self, name: str) -> dict:
         """Mark removed: its run drops it after the window in progress."""
         return self.registry.remove(name).model_dump(mode="json")
@@ -125,6 +140,8 @@ class TenantManager:
     def _place(self, entry: TenantEntry) -> None:
         """Put the tenant in a run: a new one while there is room for runs, else the smallest of its shape."""
         assert self.plan is not None
+        if self._stopping:
+            return
         name, cfg = entry.config.name, entry.config
         now = time.time()
         home = self._launch_of(name)
@@ -161,11 +178,14 @@ class TenantManager:
     async def _run(self, launch: _Launch, run_cfg: TenantRunConfig) -> None:
         result = None
         async with self.slots:
+            if self._stopping:  # stopped while it queued: never started
+                run_cfg = None
             launch.status, launch.started_at = "running", time.time()
             for name in self._hosted(launch):
                 self.runs[name].update(status="running", started_at=launch.started_at)
             try:
-                result = await fit_tenant_task().remote(run_cfg)
+                if run_cfg is not None:
+                    result = await asyncio.get_running_loop().run_in_executor(self.fits, fit_tenant, run_cfg)
             except Exception as exc:  # one run's failure is its own; the other runs keep training
                 error = _message(exc)
                 LOG.error("tenant run %s failed: %s", launch.key, error)
@@ -233,10 +253,13 @@ class TenantManager:
         running = sorted((la.started_at, la.key) for la in self.launches.values()
                          if la.status == "running" and not la.yield_requested)  # fmt: skip
         for _, key in running[: max(0, waiting - asked)]:
-            path = self.registry.yield_path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-            self.launches[key].yield_requested = True
+            self._ask_to_yield(self.launches[key])
+
+    def _ask_to_yield(self, launch: _Launch) -> None:
+        path = self.registry.yield_path(launch.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        launch.yield_requested = True
 
     def _all_through(self) -> bool:
         """Every active tenant trained through the plan's last window or failed on its current config."""

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from exfm_ray.bench.http_load import Latency, concurrent, post_until, sequential
 from exfm_ray.configbase import Config
+from exfm_ray.errors import ExfmError
 from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import example_rows, publish_synthetic_students, publish_tenant_copies
@@ -32,16 +33,24 @@ class ServeBenchConfig(Config):
     rounds: int = Field(10, ge=1, description="Sequential rounds, alternating between the two servers.")
     tenants: int = Field(2, ge=1, le=512, description="Tenants served (beyond 2: copies of the two trained students).")
     serve: ServeConfig | None = Field(None, description="The Serve app's config (its store_root/port are replaced).")
+    store_root: Path | None = Field(None, description="Serve the students published here (its first `tenants`) "
+                                    "instead of publishing synthetic ones.")  # fmt: skip
 
 
 def run(cfg: ServeBenchConfig) -> dict:
     """On the Ray this process has joined: deploys the app, measures, and takes the app down."""
     requests, seconds, concurrency, rows = cfg.requests, cfg.seconds, cfg.concurrency, cfg.rows
     with tempfile.TemporaryDirectory(prefix="exfm-bench-") as tmp:
-        publish_synthetic_students(tmp, num_tenants=min(cfg.tenants, 2))
-        tenants = publish_tenant_copies(tmp, cfg.tenants)
-        serve_cfg = (cfg.serve or ServeConfig(store_root=Path(tmp))).replace(store_root=Path(tmp), port=free_port())
-        store = StudentStore(tmp)
+        root = tmp if cfg.store_root is None else str(cfg.store_root)
+        if cfg.store_root is None:
+            publish_synthetic_students(root, num_tenants=min(cfg.tenants, 2))
+            tenants = publish_tenant_copies(root, cfg.tenants)
+        else:
+            tenants = StudentStore(root).tenants()[: cfg.tenants]
+            if not tenants:
+                raise ExfmError(f"no published student in {root}")
+        serve_cfg = (cfg.serve or ServeConfig(store_root=Path(root))).replace(store_root=Path(root), port=free_port())
+        store = StudentStore(root)
         single = {"rows": example_rows(store.latest_meta(tenants[0]), 1)}
         bodies = {t: [{"rows": example_rows(store.latest_meta(t), rows, seed=i)} for i in range(8)] for t in tenants}
         baseline_port = free_port()

@@ -22,8 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tenants-per-run",
         type=int,
-        default=8,
-        help="one-worker tenants one Ray Train run hosts at most (1: each tenant its own run)",
+        help="one-worker tenants one Ray Train run hosts at most (1: each tenant its own run; default 32)",
     )
     p.add_argument("--storage", type=Path, help="storage root (default EXFM_STORAGE or runs/store)")
     p.add_argument("--address", help="Ray cluster address (default: EXFM_RAY_ADDRESS, else a local Ray)")
@@ -52,13 +51,12 @@ def run(args: argparse.Namespace) -> int:
     storage = (args.storage or Settings().storage).resolve()
     first, last = parse_window_range(args.windows, args.follow)
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--tenants-per-run", args.tenants_per_run)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
     tenants = check_ready(storage, first, last, args.follow)
     connect(args.address or Settings().ray_address)
-    cfg = TenantManagerConfig(
-        storage=str(storage), max_concurrent=args.max_concurrent, tenants_per_run=args.tenants_per_run
-    )
+    shared = {"tenants_per_run": args.tenants_per_run} if args.tenants_per_run is not None else {}
+    cfg = TenantManagerConfig(storage=str(storage), max_concurrent=args.max_concurrent, **shared)
     status = train_tenants(cfg, first, last, args.follow, show_progress=not args.no_progress)
     out = args.out or storage / "reports" / "train"
     paths = write_storage_report(storage, out, list(status["runs"]) or tenants)

@@ -12,6 +12,7 @@ from exfm_ray.fm.config import FMConfig
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.students.config import StudentConfig
 from exfm_ray.tenants.config import TenantConfig
+from exfm_ray.tenants.trainer import TENANTS_PER_RUN
 
 
 class PipelineConfig(Config):
@@ -33,7 +34,9 @@ class PipelineConfig(Config):
     )
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student of the default tenants.")
     max_concurrent_tenants: int = Field(4, ge=1, description="Tenant training runs holding resources at a time.")
-    tenants_per_run: int = Field(8, ge=1, description="One-worker tenants one training run hosts at most.")
+    tenants_per_run: int = Field(
+        TENANTS_PER_RUN, ge=1, description="One-worker tenants one training run hosts at most."
+    )
     das_batch_size: int = Field(4096, gt=0, description="Rows per FM call in the DAS.")
     serve: dict = Field(
         default_factory=dict, description="ServeConfig fields for the student service (port, host, replicas ...)."

@@ -173,6 +173,8 @@ def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_i
         wait_until(lambda: trained(3), timeout_s=400, what="both healthy tenants through window 2")
         runs = ray.get(manager.status.remote())["runs"]
         assert not ray.wait([following], timeout=0)[0]  # still following (an error would end it)
+        stopped = ray.get(manager.stop.remote())  # every run ends now: nothing left holding CPUs
+        assert stopped["groups"] == {} and ray.get(following, timeout=30)["training"] is False
     finally:
         ray.kill(manager)
     assert runs["broken"]["status"] == "failed" and runs["broken"]["error"], runs

@@ -37,6 +37,10 @@ FROZEN = {
     "bench das": {"--json", "--rows", "--fm-size", "--shards"},
     "bench train": {"--json", "--rows-per-window", "--windows"},
     "bench guard": {"--json", "--rows-per-window", "--windows"},
+    "bench tenants": {
+        "--json", "--counts", "--rows-per-window", "--max-concurrent", "--tenants-per-run", "--idle-seconds", "--serve",
+        "--no-serve", "--plot",
+    },
     "tenants": set(),
     "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
     "tenants list": {"--address", "--json", "--storage"},
