@@ -11,7 +11,8 @@ Cheap tenants: a tenant of one worker does not need a Ray Train run of its own. 
 `max_concurrent` runs exist a new tenant opens one (parallelism first); after that it joins the
 smallest run of its shape (same CPUs, threads, resources) holding fewer than `tenants_per_run`
 tenants, even one that is already training (members.json: the run takes it at its next round).
-A data-parallel tenant (`workers` > 1) always has its own run.
+A data-parallel tenant (`workers` > 1) always has its own run, and so does one with `own_run` (a
+big or slow tenant: a shared run trains its members' windows one after another).
 
 No starvation when following the stream: a following run never ends by itself, so while a run
 waits for a slot the manager asks the run that has held one longest to yield after its current
@@ -83,7 +84,7 @@ class TenantManager:
         self.plan = WindowPlan(first_window=first_window, last_window=last_window, follow=follow)
         try:
             # Data-parallel tenants first: each needs a run of its own, the small ones can share.
-            for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1):
+            for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1 and not e.config.own_run):
                 self._place(entry)
             while not self._stopping:
                 self._place_behind()
@@ -149,7 +150,7 @@ class TenantManager:
         if home is None:
             shape = (cfg.cpus_per_worker, cfg.threads_per_worker, tuple(sorted(cfg.resources_per_worker.items())),
                      cfg.max_failures)  # fmt: skip
-            shared = cfg.workers == 1 and self.cfg.tenants_per_run > 1
+            shared = cfg.workers == 1 and not cfg.own_run and self.cfg.tenants_per_run > 1
             room = [la for la in self.launches.values() if la.shared and la.shape == shape and not la.yield_requested
                     and len(la.members) < self.cfg.tenants_per_run]  # fmt: skip
             if shared and room and len(self.launches) >= self.cfg.max_concurrent:

@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"json: {args.json}")
+    if results.get("all_trained_every_window") is False:  # a tenant skipped or repeated a window: a failure
+        print("not every tenant trained every window once: see the curve above")
+        return 1
     return 0
 
 

@@ -49,12 +49,17 @@ class TenantConfig(Config):
     )
     guard_windows: int = Field(3, ge=1, description="Trailing windows the guard pools to compare the candidates.")
     workers: int = Field(1, ge=1, le=64, description="Ray Train workers (data parallel) of this tenant's run.")
+    own_run: bool = Field(
+        False,
+        description="A Ray Train run of its own even with one worker (a big or slow tenant: a shared run "
+        "trains its tenants' windows one after another, so its windows would delay the others').",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description='Custom resources per worker, e.g. {"student_pool": 1} (isolation).'
     )
     threads_per_worker: int = Field(1, ge=1, description="torch threads per worker.")
-    max_failures: int = Field(3, ge=0, description="Worker failures the run recovers from (from its checkpoint).")
+    max_failures: int = Field(3, ge=0, description="Worker failures the run recovers from (from the state files).")
     seed: int = Field(0, description="Seed of initialization and batch order.")
 
     def distill(self):

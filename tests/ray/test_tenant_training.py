@@ -159,12 +159,10 @@ def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_i
     for t in range(2):
         commit(source, storage, t)
     reg = TenantRegistry(storage)
-    reg.add(TenantConfig(name="broken", rows=["no_such_tenant"], max_failures=0))  # first in, first run
+    reg.add(TenantConfig(name="broken", rows=["no_such_tenant"], max_failures=0, own_run=True))  # first run
     for name in healthy:
-        reg.add(TenantConfig(name=name, guard=False, student={"size": 1}))
-    manager = start_tenant_manager(
-        TenantManagerConfig(storage=str(storage), max_concurrent=1, tenants_per_run=1, poll_s=0.3)
-    )
+        reg.add(TenantConfig(name=name, guard=False, student={"size": 1}, own_run=True))
+    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=1, poll_s=0.3))
     try:
         following = manager.train.remote(0, None, True)  # follows the stream with no end
         trained = lambda n: all(len(history(storage, name)) >= n for name in healthy)  # noqa: E731
