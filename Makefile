@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format unit clean
+.PHONY: install demo test test-multinode lint format unit clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ unit: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
+
+# A 4-node Ray cluster on this machine (a raylet per node type of cluster.yaml), the whole loop
+# submitted through the Jobs API; part of `make test` too.
+test-multinode: $(STAMP)
+	$(BIN)/python -m pytest -q tests/ray/test_multinode.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

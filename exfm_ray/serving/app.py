@@ -28,7 +28,7 @@ def build_app(config: ServeConfig) -> Application:
         serve.ingress()(StudentRouter),
         name=DEPLOYMENT_NAME,
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.replica_cpus},
+        ray_actor_options={"num_cpus": config.replica_cpus, "resources": dict(config.replica_resources)},
         logging_config=config.logging_config(),
         **scaling,
     )

@@ -40,6 +40,9 @@ class ServeConfig(Config):
     num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
     autoscaling: AutoscalingSettings | None = Field(None, description="Autoscale replicas instead of num_replicas.")
     replica_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description='Custom resources per replica, e.g. {"serve_pool": 0.1}: Serve nodes only.'
+    )
     max_ongoing_requests: int = Field(
         256, ge=1, description="Requests a replica accepts at once; must exceed what one batch gathers."
     )
