@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     t = fm.add_parser("train", help="train the FM on the stream up to a window with Ray Train and publish it")
     common(t)
     t.add_argument("--stream", type=Path, required=True, help="stream folder written by `exfm stream`")
-    t.add_argument("--through-window", type=int, required=True, help="last window to train on")
+    t.add_argument("--through-window", type=int, help="last window to train on (required unless --follow)")
+    t.add_argument("--follow", action="store_true", help="train each window as the stream writes it, a version each")
     t.add_argument("--workers", type=int, default=2, help="Ray Train workers (FM ranks)")
     t.add_argument("--size", type=int, help="FM size dial")
     t.add_argument("--sharding", help="force a sharding type (table_wise, column_wise, ...)")
@@ -71,6 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
             "storage": str(_storage(args)),
             "stream": str(args.stream.resolve()),
             "through_window": args.through_window,
+            "follow": args.follow,
             "num_workers": args.workers,
             "incremental": not args.retrain,
             "sharding": _sharding(args),

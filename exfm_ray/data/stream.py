@@ -9,6 +9,7 @@ Layout of a stream folder (hive-style, so Ray Data and any Parquet reader see `w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,11 +70,22 @@ def window_dir(root: str | Path, t: int) -> Path:
 
 
 def write_window(root: str | Path, t: int, table: pa.Table) -> Path:
+    """Written under a hidden name, then renamed: a reader (the DAS, a following FM job) sees the
+    window whole or not at all (Parquet readers skip names starting with '.')."""
     folder = window_dir(root, t)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "part-0.parquet"
-    pq.write_table(table, path)
+    tmp = folder / f".part-0.parquet.{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
     return path
+
+
+def window_ready(root: str | Path, t: int) -> bool:
+    """The stream writer's contract: a window is complete once a `*.parquet` file is in its folder
+    (each written under a hidden name and renamed, as `write_window` does)."""
+    folder = window_dir(root, t)
+    return folder.is_dir() and any(folder.glob("*.parquet"))
 
 
 def read_spec(root: str | Path) -> StreamSpec:

@@ -41,6 +41,7 @@ class FMVersion(Config):
     plan: dict[str, str] = Field(default_factory=dict, description="Sharding type per table in the training job.")
     created_at: float = Field(default_factory=time.time, description="Publish time (unix s).")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics (e.g. last loss).")
+    run: str = Field("", description="The training run that published it (a restarted run resumes after it).")
 
     @property
     def tables(self) -> list[dict]:

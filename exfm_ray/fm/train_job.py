@@ -4,13 +4,19 @@ Each run trains the current FM version (or a fresh FM) on the stream windows aft
 watermark, up to `through_window`, on the union of all tenants, with the same sharding code as
 the FM group and the same FMLearner as the in-process experiment, then saves a DCP checkpoint
 (every rank writes its shards) and publishes it in the registry with its data watermark.
+
+- Following the stream (`follow`): the job waits for each next window to appear in the stream
+  and publishes a version per window, until `through_window` (None: for ever).
+- Published versions are never written again: a version's name is taken from the registry when it
+  is published (not reserved at launch), and a run restarted by Ray Train (a lost worker) resumes
+  after the newest version it, or an earlier run, published instead of retraining into it.
 """
 
 from __future__ import annotations
 
 import time
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.fm.config import FMConfig, ShardingConfig
@@ -20,7 +26,11 @@ from exfm_ray.fm.registry import FMRegistry, FMVersion
 class FMTrainConfig(Config):
     storage: str = Field(description="Storage root: the FM registry lives under <storage>/fm.")
     stream: str = Field(description="Stream folder (spec.json + window=<t>/ Parquet partitions).")
-    through_window: int = Field(ge=0, description="Train on windows up to and including this one.")
+    through_window: int | None = Field(
+        None, ge=0, description="Train on windows up to and including this one; None: follow the stream for ever."
+    )
+    follow: bool = Field(False, description="Wait for windows not in the stream yet (a version per window).")
+    poll_s: float = Field(2.0, gt=0, description="How often a following job looks for the next window.")
     fm: FMConfig = Field(default_factory=FMConfig, description="FM sizes and optimizer settings.")
     sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Backend and sharding type.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers = FM ranks in the job.")
@@ -38,6 +48,12 @@ class FMTrainConfig(Config):
         default_factory=dict, description='Custom resources per worker, e.g. {"fm_shard": 1} for FM nodes.'
     )
 
+    @model_validator(mode="after")
+    def _bounded(self) -> FMTrainConfig:
+        if self.through_window is None and not self.follow:
+            raise ValueError("through_window is required unless follow is set")
+        return self
+
 
 def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the published version's metadata."""
@@ -45,13 +61,18 @@ def train_loop(config: dict) -> dict:
     import torch.distributed as dist
 
     from exfm_ray.data.batching import WindowTensors
-    from exfm_ray.data.stream import read_spec, read_window
+    from exfm_ray.data.stream import read_spec, read_window, window_ready
+    from exfm_ray.errors import DataError
     from exfm_ray.fm.learner import FMLearner, pad_rows
     from exfm_ray.fm.model import build_fm
     from exfm_ray.fm.sharding import dense_optimizer, load_checkpoint, plan_summary, shard
 
     cfg = FMTrainConfig.model_validate(config["cfg"])
-    versions, base = config["versions"], config["base"]
+    run, base = config["run"], config["base"]
+    registry = FMRegistry(cfg.storage)
+    newest = registry.current()
+    if newest is not None and newest.run == run:  # restarted after a lost worker: go on after it
+        base = newest.model_dump(mode="json")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     spec = read_spec(cfg.stream)
@@ -74,17 +95,22 @@ def train_loop(config: dict) -> dict:
         world_size=world,
         fresh=base is None,
     )
-    first = base["through_window"] + 1 if base is not None else 0
+    t = base["through_window"] + 1 if base is not None else 0
     losses, watermark = {}, base["watermark"] if base is not None else -1
     published = None
-    for t in range(first, cfg.through_window + 1):
+    while cfg.through_window is None or t <= cfg.through_window:
+        if not window_ready(cfg.stream, t):
+            if not cfg.follow:
+                raise DataError(f"window {t} not found under {cfg.stream}")
+            time.sleep(cfg.poll_s)
+            continue
         table = read_window(cfg.stream, t, spec)
         watermark = max(watermark, int(table.column("event_time").to_numpy().max()))
         rows = WindowTensors(pad_rows(table, world * cfg.fm.batch_size), spec)
         losses[t] = learner.train_window(rows)
-        if cfg.publish_each_window or t == cfg.through_window:
+        if cfg.publish_each_window or cfg.follow or t == cfg.through_window:
             meta = FMVersion(
-                version=versions.pop(0),
+                version=_next_version(registry, rank),
                 path="",
                 watermark=watermark,
                 through_window=t,
@@ -95,9 +121,20 @@ def train_loop(config: dict) -> dict:
                     **{f"loss_window_{w}": loss for w, loss in losses.items()},
                     "dense_replica_gap": _dense_replica_gap(model),
                 },
+                run=run,
             )
             published = _save_and_publish(model, meta, cfg.storage, rank)
+        t += 1
     return published.model_dump(mode="json") if published is not None and rank == 0 else {}
+
+
+def _next_version(registry: FMRegistry, rank: int) -> str:
+    """The next free name, as rank 0 reads the registry now, the same on every rank."""
+    import torch.distributed as dist
+
+    name = [registry.next_version() if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def _dense_replica_gap(model) -> float:
@@ -136,17 +173,14 @@ def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | 
 
     registry = FMRegistry(cfg.storage)
     base = registry.current() if cfg.incremental else None
-    if base is not None and base.through_window >= cfg.through_window:
+    if base is not None and cfg.through_window is not None and base.through_window >= cfg.through_window:
         return None
-    first = base.through_window + 1 if base is not None else 0
-    count = cfg.through_window - first + 1 if cfg.publish_each_window else 1
-    versions = registry.next_versions(count)
-    version = versions[-1]
+    run = run_name or f"fm-train-{int(time.time() * 1000)}"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "versions": versions,
+            "run": run,
             "base": base.model_dump(mode="json") if base is not None else None,
         },
         torch_config=TorchConfig(backend=cfg.sharding.backend),
@@ -156,10 +190,10 @@ def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | 
             resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker},
         ),
         run_config=RunConfig(
-            name=run_name or f"fm-train-{version}-{int(time.time())}",
+            name=run,
             storage_path=f"{cfg.storage}/ray-train",
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     result = trainer.fit()
-    return FMVersion.model_validate(result.return_value)
+    return FMVersion.model_validate(result.return_value) if result.return_value else None

@@ -69,6 +69,76 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path):
     assert find_fm_group("fm-cli") is None
 
 
+def _train_workers() -> list[int]:
+    """Pids of the Ray Train workers alive on this machine (this tier has no dashboard: no state API)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    assert pids, "no Ray Train worker running"
+    return pids
+
+
+def _files(folder) -> dict:
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_following_fm_job_publishes_each_window_and_never_rewrites_a_published_version(ray_cluster, tmp_path):
+    """The job trains each window as the stream writer adds it. A worker killed while it waits makes
+    Ray Train restart the run: it resumes after its last version (with names reserved at launch it
+    trained window 0 again into fm-0001, the version being served). A new job after the first is
+    cancelled continues after the newest version too."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    from actors.remote import train_fm_task
+
+    full, stream, store = tmp_path / "full", tmp_path / "stream", tmp_path / "store"
+    assert main(["stream", "--windows", "3", "--rows-per-window", "1500", "--out", str(full)]) == 0
+    stream.mkdir()
+    shutil.copy(full / "spec.json", stream)
+
+    def write(t):  # the stream writer: a whole window appears at once
+        shutil.copytree(full / f"window={t}", stream / f".w{t}")
+        os.replace(stream / f".w{t}", stream / f"window={t}")
+
+    def published(n):
+        deadline = time.monotonic() + 300
+        while len(FMRegistry(store).versions()) < n:
+            assert not ray.wait([job], timeout=0)[0] or n == 0, ray.get(job)
+            assert time.monotonic() < deadline, f"no version {n}"
+            time.sleep(0.3)
+        return FMRegistry(store).versions()
+
+    write(0)
+    cfg = FMTrainConfig(storage=str(store), stream=str(stream), through_window=2, follow=True, poll_s=0.3,
+                        fm=FMConfig(size=1))  # fmt: skip
+    job = train_fm_task().remote(cfg)
+    published(1)
+    first = _files(store / "fm" / "versions" / "fm-0001")
+    os.kill(_train_workers()[0], signal.SIGKILL)  # while the job waits for window 1
+    time.sleep(3)
+    write(1)
+    assert [v.through_window for v in published(2)] == [0, 1]
+    ray.cancel(job, force=True)  # the job is gone while it waits for window 2
+    time.sleep(2)
+    second = _files(store / "fm" / "versions" / "fm-0002")
+    write(2)
+    assert main(["fm", "train", "--address", ray_cluster, "--storage", str(store), "--stream", str(stream),
+                 "--follow", "--through-window", "2", "--size", "1"]) == 0  # fmt: skip
+    versions = FMRegistry(store).versions()
+    assert [(v.version, v.through_window) for v in versions] == [("fm-0001", 0), ("fm-0002", 1), ("fm-0003", 2)]
+    assert _files(store / "fm" / "versions" / "fm-0001") == first  # never written again
+    assert _files(store / "fm" / "versions" / "fm-0002") == second
+
+
 def test_fm_cli_user_errors_are_one_line(capsys, tmp_path):
     assert main(["fm", "start", "--storage", str(tmp_path), "--sharding", "row_wise", "--address", "x:1"]) == 2
     err = capsys.readouterr().err

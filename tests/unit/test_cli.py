@@ -27,8 +27,8 @@ FROZEN = {
     "fm stop": {"--address", "--json", "--name", "--storage"},
     "fm switch": {"--address", "--name", "--storage", "--version"},
     "fm train": {
-        "--address", "--name", "--retrain", "--sharding", "--size", "--storage", "--stream", "--through-window",
-        "--workers",
+        "--address", "--follow", "--name", "--retrain", "--sharding", "--size", "--storage", "--stream",
+        "--through-window", "--workers",
     },
     "stream": {"--data", "--data-dir", "--dataset", "--mapping", "--out", "--rows-per-window", "--windows"},
     "serve": {"--config", "--store", "--host", "--port", "--address", "--demo"},
