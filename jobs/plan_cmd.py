@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--ddr-gb", type=float, default=0, help="host memory per GPU for UVM-cached tables, GB (default 0: HBM only)"
     )
+    p.add_argument(
+        "--ssd-gb", type=float, default=0, help="SSD per GPU for key-value (SSD-backed) tables, GB (default 0: none)"
+    )
     p.add_argument("--local-world-size", type=int, default=8, help="GPUs per host (default 8)")
     p.add_argument("--embedding-dim", type=int, default=128, help="embedding dim (default 128)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -33,7 +36,8 @@ def add_parser(sub) -> None:
 
 def spec_from_args(args: argparse.Namespace):
     from exfm_ray.errors import ConfigError
-    from exfm_ray.fm.plan import PlanSpec, load_tables
+    from exfm_ray.fm.plan import PlanSpec
+    from exfm_ray.fm.plan_tables import load_tables
 
     if (args.fm_params is None) == (args.tables is None):
         raise ConfigError("give exactly one of --fm-params and --tables")
@@ -41,6 +45,7 @@ def spec_from_args(args: argparse.Namespace):
         "gpus": args.gpus,
         "hbm_gb": args.hbm_gb,
         "ddr_gb": args.ddr_gb,
+        "ssd_gb": args.ssd_gb,
         "local_world_size": args.local_world_size,
         "embedding_dim": args.embedding_dim,
     }

@@ -55,9 +55,7 @@ class AugmentConfig(Config):
                             "row of its examples).")  # fmt: skip
     labelers: int = Field(1, ge=1, description="Actors in the FMLabeler pool.")
     labeler_cpus: float = Field(0.25, gt=0, description="CPUs reserved per labeler (it mostly waits on the FM).")
-    labeler_resources: dict[str, float] = Field(
-        default_factory=dict, description='Custom resources per labeler, e.g. {"student_pool": 0.1}: worker nodes only.'
-    )
+    labeler_resources: dict[str, float] = Field(default_factory=dict, description="Custom resources per labeler.")
     in_flight_per_labeler: int = Field(4, ge=1, description="FM calls each labeler runs at once: keeps the FM "
                                        "ranks fed while batches travel; bounds memory.")  # fmt: skip
     max_wait_s: float = Field(120.0, ge=0, description="How long a batch waits for an unavailable FM before "

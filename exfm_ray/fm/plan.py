@@ -4,8 +4,9 @@
 tables the user lists), builds the real `FoundationModel` on the `meta` device (no memory is
 allocated, so 1e12 parameters are fine on a laptop), and runs TorchRec's `EmbeddingShardingPlanner`
 on a simulated topology (`TopologyFactory`, dry run): `gpus` ranks of `hbm_gb` HBM each, `ddr_gb`
-host memory per rank for UVM. It returns a `PlanReport`: per-rank memory, the sharding type and
-kernel of every table, and whether the plan fits. A plan that does not fit is a result
+host memory per rank for UVM, `ssd_gb` SSD per rank for key-value tables. It returns a
+`PlanReport`: per-rank memory, the sharding type and kernel of every table, and whether the plan
+fits. A plan that does not fit is a result
 (`fits=False` with the planner's reason), not an exception.
 
 What is counted, per rank, in `per_rank_hbm_gb` (the planner's own storage estimate of each shard):
@@ -28,49 +29,43 @@ GB means GiB (2**30 bytes) everywhere, inputs included, as in TorchRec's planner
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torchrec.optim as trec_optim
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import GUARDED_COMPUTE_KERNELS
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
+    ParameterConstraints,
     PlannerError,
     TopologyFactory,
     TrainerConfig,
 )
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from exfm_ray.configbase import Config, read_yaml
+from exfm_ray.configbase import Config
 from exfm_ray.errors import ConfigError
 from exfm_ray.fm.model import FMConfig, FoundationModel, count_parameters
+from exfm_ray.fm.plan_tables import TableSpec, fm_table_layout
 from exfm_ray.fm.planner_hooks import DATA_PARALLEL_NOISE, CaptureStats, drop_root_warnings
 
 GiB = 2**30
 BYTES_PER_VALUE = 4  # fp32 tables, as the EBC builds them
 NUM_DENSE_FEATURES = 13  # dense inputs of the planned FM (Criteo-like); only sizes its tiny dense projection
-SMALL_TABLE_DECAY = 0.8  # each small table holds 0.8x the rows of the previous one
-LARGE_TABLE_NAMES = ("user_id", "ad_id", "advertiser_id", "page_id")
 # The planner warns on the root logger for every data-parallel table ("no sharding spec"): expected, not news.
 OPTIMIZER_STATE_PER_WEIGHT = {"rowwise_adagrad": None, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}  # None: 1/dim
-
-
-class TableSpec(Config):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Table (and feature) name.")
-    rows: int = Field(ge=1, description="Number of embedding rows (ids).")
-    dim: int | None = Field(
-        None, gt=0, multiple_of=4, description="Embedding dim (FBGEMM needs a multiple of 4); default embedding_dim."
-    )
 
 
 class PlanSpec(Config):
@@ -87,6 +82,9 @@ class PlanSpec(Config):
     hbm_gb: float = Field(gt=0, description="HBM per GPU, GiB.")
     ddr_gb: float = Field(
         0, ge=0, description="Host memory per GPU (rank) usable for UVM tables, GiB; 0 = tables must fit in HBM."
+    )
+    ssd_gb: float = Field(
+        0, ge=0, description="SSD per GPU (rank) for key-value tables (FBGEMM SSD kernel), GiB; 0 = no SSD tier."
     )
     embedding_dim: int = Field(128, gt=0, multiple_of=4, description="Embedding dim of the laid-out tables.")
     num_tables: int = Field(26, ge=1, description="Number of laid-out tables (one sparse feature each).")
@@ -141,16 +139,6 @@ class PlanSpec(Config):
         return self
 
 
-def load_tables(path: str | Path) -> list[dict[str, Any]]:
-    """Read a table list from YAML or JSON: a list of {name, rows, dim?}, or a mapping with key `tables`."""
-    data = read_yaml(path, expect=object)
-    if isinstance(data, dict) and set(data) == {"tables"}:
-        data = data["tables"]
-    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
-        raise ConfigError(f"{path}: expected a list of tables ({{name, rows, dim}}) or a mapping with key 'tables'")
-    return data
-
-
 @dataclass
 class TablePlan:
     name: str
@@ -161,6 +149,7 @@ class TablePlan:
     shards: int = 0
     hbm_gb: float = 0.0
     ddr_gb: float = 0.0
+    ssd_gb: float = 0.0
 
     @property
     def params(self) -> int:
@@ -181,6 +170,7 @@ class PlanReport:
     local_world_size: int
     hbm_gb: float
     ddr_gb: float
+    ssd_gb: float
     reserve_fraction: float
     hbm_budget_gb: float  # per rank, for embedding shards: hbm_gb * (1 - reserve_fraction)
     batch_size: int
@@ -188,13 +178,16 @@ class PlanReport:
     compute_device: str
     weights_gb: float  # all tables, fp32
     optimizer_state_gb: float  # all tables
-    cluster_budget_gb: float  # gpus * (hbm_budget_gb + ddr_gb)
+    cluster_budget_gb: float  # gpus * (hbm_budget_gb + ddr_gb + ssd_gb)
+    gpus_needed: int  # the fewest GPUs of this kind whose memory holds weights + optimizer state
     per_rank_hbm_gb: list[float]  # empty when the plan does not fit
     per_rank_ddr_gb: list[float]
+    per_rank_ssd_gb: list[float]
     max_rank_hbm_gb: float | None
     median_rank_hbm_gb: float | None
     min_rank_hbm_gb: float | None
     max_rank_ddr_gb: float | None
+    max_rank_ssd_gb: float | None
     sharding_types: dict[str, str]  # table -> sharding type
     sharding_type_counts: dict[str, int]
     compute_kernels: dict[str, str]  # table -> compute kernel
@@ -214,31 +207,6 @@ class PlanReport:
         return asdict(self)
 
 
-def fm_table_layout(spec: PlanSpec, embedding_params: int) -> list[TableSpec]:
-    """Tables that add up to about `embedding_params`: a few very large id tables + a tail of smaller ones.
-
-    `num_large_tables` equal tables (user_id, ad_id, advertiser_id, page_id, id_5, ...) hold
-    `large_share` of the parameters; the other tables (cat_01, ...) share the rest, each 0.8x the
-    previous one, at least 1 row each.
-    """
-    dim = spec.embedding_dim
-    total_rows = max(1, embedding_params // dim)
-    num_small = spec.num_tables - spec.num_large_tables
-    large_share = spec.large_share if num_small else 1.0
-    large_rows = max(1, int(total_rows * large_share) // spec.num_large_tables)
-    tables = [
-        TableSpec(name=LARGE_TABLE_NAMES[i] if i < len(LARGE_TABLE_NAMES) else f"id_{i + 1}", rows=large_rows, dim=dim)
-        for i in range(spec.num_large_tables)
-    ]
-    weights = [SMALL_TABLE_DECAY**i for i in range(num_small)]
-    small_rows = total_rows - large_rows * spec.num_large_tables
-    tables += [
-        TableSpec(name=f"cat_{i + 1:02d}", rows=max(1, int(small_rows * w / sum(weights))), dim=dim)
-        for i, w in enumerate(weights)
-    ]
-    return tables
-
-
 def plan_fm(spec: PlanSpec) -> PlanReport:
     """Run TorchRec's planner for `spec` on a simulated topology. Never raises for a plan that does not fit."""
     start = time.perf_counter()
@@ -248,11 +216,12 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
     embedding_params = count_parameters(ebc)
     dense_params = count_parameters(model) - embedding_params
     capture, fits, reason, planning_seconds = _run_planner(spec, model)
-    tables, hbm, ddr = _placements(spec, table_specs, capture if fits else None)
+    tables, hbm, ddr, ssd = _placements(spec, table_specs, capture if fits else None)
 
     weight_bytes = sum(t.params for t in tables) * BYTES_PER_VALUE
     opt_bytes = sum(t.params * _state_per_weight(spec.optimizer, t.dim) for t in tables) * BYTES_PER_VALUE
     budget = spec.hbm_gb * (1 - spec.reserve_fraction)
+    per_gpu = budget + spec.ddr_gb + spec.ssd_gb
     planned = [t for t in tables if t.sharding_type]
     return PlanReport(
         fits=fits,
@@ -267,6 +236,7 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
         local_world_size=min(spec.local_world_size, spec.gpus),
         hbm_gb=spec.hbm_gb,
         ddr_gb=spec.ddr_gb,
+        ssd_gb=spec.ssd_gb,
         reserve_fraction=spec.reserve_fraction,
         hbm_budget_gb=round(budget, 3),
         batch_size=spec.batch_size,
@@ -274,13 +244,16 @@ def plan_fm(spec: PlanSpec) -> PlanReport:
         compute_device=spec.compute_device,
         weights_gb=round(weight_bytes / GiB, 3),
         optimizer_state_gb=round(opt_bytes / GiB, 3),
-        cluster_budget_gb=round(spec.gpus * (budget + spec.ddr_gb), 3),
+        cluster_budget_gb=round(spec.gpus * per_gpu, 3),
+        gpus_needed=math.ceil((weight_bytes + opt_bytes) / GiB / per_gpu),
         per_rank_hbm_gb=[round(x, 3) for x in hbm] if fits else [],
         per_rank_ddr_gb=[round(x, 3) for x in ddr] if fits else [],
+        per_rank_ssd_gb=[round(x, 3) for x in ssd] if fits else [],
         max_rank_hbm_gb=round(max(hbm), 3) if fits else None,
         median_rank_hbm_gb=round(statistics.median(hbm), 3) if fits else None,
         min_rank_hbm_gb=round(min(hbm), 3) if fits else None,
         max_rank_ddr_gb=round(max(ddr), 3) if fits else None,
+        max_rank_ssd_gb=round(max(ssd), 3) if fits else None,
         sharding_types={t.name: t.sharding_type for t in planned},
         sharding_type_counts=dict(sorted(Counter(t.sharding_type for t in planned).items())),
         compute_kernels={t.name: t.compute_kernel for t in planned},
@@ -335,13 +308,22 @@ def _run_planner(spec: PlanSpec, model: torch.nn.Module) -> tuple[CaptureStats, 
             world_size=spec.gpus, local_world_size=min(spec.local_world_size, spec.gpus), is_dry_run=True
         ),
         hardware_config=HardwareConfig(
-            hbm_cap_bytes=int(spec.hbm_gb * GiB), ddr_cap_bytes=int(spec.ddr_gb * GiB), ssd_cap_bytes=0
+            hbm_cap_bytes=int(spec.hbm_gb * GiB),
+            ddr_cap_bytes=int(spec.ddr_gb * GiB),
+            ssd_cap_bytes=int(spec.ssd_gb * GiB),
         ),
         kernel_config=KernelConfig(compute_device=spec.compute_device),
     )
     capture = CaptureStats()
+    constraints = None
+    if spec.ssd_gb:  # TorchRec offers its SSD-backed kernel only to tables that name it
+        kernels = [k.value for k in EmbeddingComputeKernel if k not in GUARDED_COMPUTE_KERNELS]
+        kernels.append(EmbeddingComputeKernel.KEY_VALUE.value)
+        ebc = model.ebc if isinstance(model, FoundationModel) else model
+        constraints = {c.name: ParameterConstraints(compute_kernels=kernels) for c in ebc.embedding_bag_configs()}
     planner = EmbeddingShardingPlanner(
         topology=topology,
+        constraints=constraints,
         batch_size=spec.batch_size,
         storage_reservation=FixedPercentageStorageReservation(spec.reserve_fraction),
         stats=capture,
@@ -361,11 +343,12 @@ def _run_planner(spec: PlanSpec, model: torch.nn.Module) -> tuple[CaptureStats, 
 
 def _placements(
     spec: PlanSpec, table_specs: list[TableSpec], capture: CaptureStats | None
-) -> tuple[list[TablePlan], list[float], list[float]]:
-    """Per table: sharding, kernel, shards and memory; per rank: HBM and DDR in GB (zeros without a plan)."""
+) -> tuple[list[TablePlan], list[float], list[float], list[float]]:
+    """Per table: sharding, kernel, shards and memory; per rank: HBM, DDR and SSD in GB (zeros without a plan)."""
     by_table = {f"t_{t.name}": TablePlan(t.name, t.rows, t.dim or spec.embedding_dim) for t in table_specs}
     hbm = [0.0] * spec.gpus
     ddr = [0.0] * spec.gpus
+    ssd = [0.0] * spec.gpus
     for option in capture.best_plan if capture is not None else []:
         table = by_table[option.name]
         table.sharding_type, table.compute_kernel, table.shards = (
@@ -377,12 +360,14 @@ def _placements(
             assert shard.storage is not None and shard.rank is not None
             hbm[shard.rank] += shard.storage.hbm / GiB
             ddr[shard.rank] += shard.storage.ddr / GiB
+            ssd[shard.rank] += shard.storage.ssd / GiB
             table.hbm_gb += shard.storage.hbm / GiB
             table.ddr_gb += shard.storage.ddr / GiB
+            table.ssd_gb += shard.storage.ssd / GiB
     tables = list(by_table.values())
     for t in tables:
-        t.hbm_gb, t.ddr_gb = round(t.hbm_gb, 3), round(t.ddr_gb, 3)
-    return tables, hbm, ddr
+        t.hbm_gb, t.ddr_gb, t.ssd_gb = round(t.hbm_gb, 3), round(t.ddr_gb, 3), round(t.ssd_gb, 3)
+    return tables, hbm, ddr, ssd
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -11,6 +11,7 @@ TOP_TABLES = 8  # the human output lists the largest tables; --json has them all
 
 def format_report(r: PlanReport) -> str:
     ddr = f", {r.ddr_gb:g} GB DDR per GPU" if r.ddr_gb else ", no DDR (HBM only)"
+    ddr += f", {r.ssd_gb:g} GB SSD per GPU" if r.ssd_gb else ""
     dims = sorted({t.dim for t in r.tables})
     lines = [
         f"model: {r.total_params:,} params = {r.embedding_params:,} in {len(r.tables)} embedding tables "
@@ -34,13 +35,12 @@ def format_report(r: PlanReport) -> str:
             "fits: NO",
             f"  {(r.reason or '').splitlines()[0].strip()}",
             f"  the tables need {need:,.1f} GB (weights + optimizer state) before I/O buffers; "
-            f"the cluster offers {r.cluster_budget_gb:,.1f} GB (HBM after the reservation + DDR)",
+            f"the cluster offers {r.cluster_budget_gb:,.1f} GB (HBM after the reservation + DDR + SSD)",
+            f"  short by {max(0.0, need - r.cluster_budget_gb):,.1f} GB: about {r.gpus_needed:,} GPUs of this kind "
+            "hold it (more if a single table's shards cannot spread)",
             "  try more --gpus, larger --hbm-gb"
-            + (
-                ", or --ddr-gb N to keep tables in host memory with an HBM cache (fused_uvm_caching)"
-                if not r.ddr_gb
-                else ""
-            ),
+            + (", or --ddr-gb N (host memory with an HBM cache: fused_uvm_caching)" if not r.ddr_gb else "")
+            + (", or --ssd-gb N (SSD-backed tables: key_value)" if not r.ssd_gb else ""),
             "  (--json has the planner's full message)",
         ]
         return "\n".join(lines)
@@ -53,18 +53,23 @@ def format_report(r: PlanReport) -> str:
     ]
     if r.ddr_gb:
         lines.append(f"per-GPU DDR (UVM tables), GB: max {r.max_rank_ddr_gb:.2f} of {r.ddr_gb:g}")
+    if r.ssd_gb:
+        lines.append(f"per-GPU SSD (key-value tables), GB: max {r.max_rank_ssd_gb:.2f} of {r.ssd_gb:g}")
     lines += [
         f"sharding types: {_counts(r.sharding_type_counts)}  ({r.num_shards} shards)",
         f"compute kernels: {_counts(r.compute_kernel_counts)}",
         "",
         f"{'table':<16} {'rows':>15} {'dim':>4}  {'sharding':<18} {'kernel':<18} {'shards':>6} {'HBM GB':>9}"
-        + (f" {'DDR GB':>9}" if r.ddr_gb else ""),
+        + (f" {'DDR GB':>9}" if r.ddr_gb else "")
+        + (f" {'SSD GB':>9}" if r.ssd_gb else ""),
     ]
     largest = sorted(r.tables, key=lambda t: -t.params)
     for t in largest[:TOP_TABLES]:
         lines.append(
             f"{t.name:<16} {t.rows:>15,} {t.dim:>4}  {t.sharding_type:<18} {t.compute_kernel:<18} {t.shards:>6} "
-            f"{t.hbm_gb:>9.2f}" + (f" {t.ddr_gb:>9.2f}" if r.ddr_gb else "")
+            f"{t.hbm_gb:>9.2f}"
+            + (f" {t.ddr_gb:>9.2f}" if r.ddr_gb else "")
+            + (f" {t.ssd_gb:>9.2f}" if r.ssd_gb else "")
         )
     rest = largest[TOP_TABLES:]
     if rest:

@@ -60,12 +60,18 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
     }  # fmt: skip
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
     client = JobSubmissionClient(dashboard)
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m jobs.pipeline --config {tmp_path / 'pipeline.yaml'} "
-        f"--storage {tmp_path / 'store'}",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
     deadline = time.monotonic() + 600
+    while True:  # the head's job agent answers a few seconds after the cluster is up
+        try:
+            job = client.submit_job(
+                entrypoint=f"{sys.executable} -m jobs.pipeline --config {tmp_path / 'pipeline.yaml'} "
+                f"--storage {tmp_path / 'store'}",
+                runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+            )
+            break
+        except RuntimeError as exc:
+            assert "No available agent" in str(exc) and time.monotonic() < deadline - 540, exc
+            time.sleep(2)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(2)

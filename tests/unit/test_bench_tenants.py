@@ -1,6 +1,8 @@
 """The pure parts of `exfm bench tenants`: the /proc sampler, the per-tenant arithmetic, the summary
 and the plot. The bench itself needs a local Ray (run it with `exfm bench tenants`)."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,15 +25,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_the_sampler_sees_a_childs_memory():
-    before = sample_tree()
+    """Sampled under a parent this test owns: the pytest process may have a Ray of its own below it,
+    whose workers come and go."""
     # Bytes of 1, not a zeroed bytearray: every page is written, so resident.
-    proc = _child("import time; x = b'\\1' * 50_000_000; print('ready', flush=True); time.sleep(30)")
+    child = "import time; x = b'\\1' * 50_000_000; print('ready', flush=True); time.sleep(30)"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; input(); subprocess.run([sys.executable, '-c', {child!r}])"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        with_child = sample_tree()
+        before = sample_tree(parent.pid)
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "ready"
+        with_child = sample_tree(parent.pid)
     finally:
-        _stop(proc)
-    assert len(with_child.cpu_ticks) == len(before.cpu_ticks) + 1
+        for proc in {c[0] for c in sample_tree(parent.pid).cpu_ticks}:
+            os.kill(proc, signal.SIGKILL)
+        _stop(parent)
+    assert len(before.cpu_ticks) == 0 and len(with_child.cpu_ticks) == 1
     assert with_child.rss_kb - before.rss_kb >= 40 * 1024
     assert with_child.pss_kb - before.pss_kb >= 40 * 1024
 

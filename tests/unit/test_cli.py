@@ -15,8 +15,8 @@ FROZEN = {
         "--fm-delay", "--variants", "--out", "--no-progress", "--sweep",
     },
     "plan": {
-        "--fm-params", "--tables", "--gpus", "--hbm-gb", "--ddr-gb", "--local-world-size", "--embedding-dim",
-        "--json",
+        "--fm-params", "--tables", "--gpus", "--hbm-gb", "--ddr-gb", "--ssd-gb", "--local-world-size",
+        "--embedding-dim", "--json",
     },
     "augment": {
         "--address", "--attribution-s", "--batch-size", "--group", "--labels", "--storage", "--stream", "--windows",

@@ -69,6 +69,20 @@ def test_host_memory_lets_uvm_caching_fit_what_hbm_alone_cannot():
     assert 0 < with_ddr.max_rank_ddr_gb <= 64 and with_ddr.max_rank_hbm_gb <= with_ddr.hbm_budget_gb
 
 
+def test_an_ssd_tier_lets_key_value_tables_fit_what_hbm_and_ddr_cannot():
+    """A small model of the 12T case: the tables outgrow HBM + DDR; with SSD the planner puts the
+    largest on TorchRec's key-value (SSD-backed) kernel, and the report says what was missing."""
+    without = plan_fm(spec(fm_params=1e10, gpus=2, hbm_gb=4, ddr_gb=8))
+    assert not without.fits and without.gpus_needed > 2
+    need = without.weights_gb + without.optimizer_state_gb
+    assert without.cluster_budget_gb < need <= without.gpus_needed * (without.hbm_budget_gb + 8)
+    with_ssd = plan_fm(spec(fm_params=1e10, gpus=2, hbm_gb=4, ddr_gb=8, ssd_gb=64))
+    assert with_ssd.fits and with_ssd.compute_kernel_counts.get("key_value", 0) >= 1, with_ssd.compute_kernel_counts
+    assert 0 < with_ssd.max_rank_ssd_gb <= 64 and sum(with_ssd.per_rank_ssd_gb) == pytest.approx(
+        sum(t.ssd_gb for t in with_ssd.tables), abs=0.01
+    )
+
+
 def test_explicit_tables_with_mixed_dims_plan_as_a_bare_ebc():
     tables = [{"name": "user_id", "rows": 5_000_000, "dim": 64}, {"name": "country", "rows": 300, "dim": 16}]
     r = plan_fm(spec(tables=tables, gpus=4, hbm_gb=16))
