@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from actors.fm_group import FMGroup, FMGroupConfig
+from actors.remote import beside_the_caller
 from actors.tenant_manager import TenantManager
 from exfm_ray.errors import ExfmError
 
@@ -21,6 +22,7 @@ def start_fm_group(cfg: FMGroupConfig, *, version: str | None = None, detached: 
             lifetime="detached" if detached else None,
             num_cpus=0,
             max_concurrency=1000,
+            scheduling_strategy=beside_the_caller(),
         )
         .remote(cfg)
     )
@@ -65,6 +67,7 @@ def start_tenant_manager(cfg, *, detached: bool = False):
             lifetime="detached" if detached else None,
             num_cpus=0,
             max_concurrency=100,
+            scheduling_strategy=beside_the_caller(),
             # The runs' fit() calls wait in the manager's threads, and Ray Train hands these to each
             # run's controller. The preemption watcher is one more Python process per run (~200 MB)
             # to end a run gracefully before a node drains; a tenant's run needs no warning: a lost

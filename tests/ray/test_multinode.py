@@ -42,13 +42,11 @@ def cluster():
         c.shutdown()
 
 
-def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_type(cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.state import list_actors, list_nodes
-
-    _, dashboard = cluster
-    config = {
-        "source": {"synthetic": {"num_windows": 3, "rows_per_window": 4000, "num_tenants": 2}},
+def _config(windows: int) -> dict:
+    """The whole loop, each part pinned to its node type by the custom resources of cluster.yaml. On a
+    cluster the students stay served after a job: the next job's app replaces this one (same name)."""
+    return {
+        "source": {"synthetic": {"num_windows": windows, "rows_per_window": 4000, "num_tenants": 2}},
         "fm": {"size": 1, "batch_size": 128},
         "fm_resources": {"fm_shard": 1},
         "tenants": [{"name": n, "rows": [n], "resources_per_worker": {"student_pool": 1}} for n in ("feed", "stories")],
@@ -58,27 +56,52 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
         "latency_requests": 10,
         "sample_rows": 8,
     }  # fmt: skip
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+
+
+def _submit(dashboard: str, config: dict, folder: Path):
+    """`ray job submit -- python -m jobs.pipeline --config ... --storage ...` through the Jobs API."""
+    from ray.job_submission import JobSubmissionClient
+
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
     client = JobSubmissionClient(dashboard)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 60
     while True:  # the head's job agent answers a few seconds after the cluster is up
         try:
             job = client.submit_job(
-                entrypoint=f"{sys.executable} -m jobs.pipeline --config {tmp_path / 'pipeline.yaml'} "
-                f"--storage {tmp_path / 'store'}",
+                entrypoint=f"{sys.executable} -m jobs.pipeline --config {folder / 'pipeline.yaml'} "
+                f"--storage {folder / 'store'}",
                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
             )
-            break
+            return client, job
         except RuntimeError as exc:
-            assert "No available agent" in str(exc) and time.monotonic() < deadline - 540, exc
+            assert "No available agent" in str(exc) and time.monotonic() < deadline, exc
             time.sleep(2)
+
+
+def _wait(client, job, timeout_s: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(2)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs
+
+
+def _served(logs: str, last: int) -> None:
     serving = logs.split("## Serving", 1)[-1]
-    assert "| feed | g1-w0002 |" in serving and "| stories | g1-w0002 |" in serving, logs[-3000:]  # served, checked
+    for tenant in ("feed", "stories"):  # served, and checked against the in-process student
+        assert f"| {tenant} | g1-w{last:04d} |" in serving, logs[-3000:]
+
+
+def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_type(cluster, tmp_path):
+    from ray.util.state import list_actors, list_nodes
+
+    _, dashboard = cluster
+    client, job = _submit(dashboard, _config(3), tmp_path)
+    _served(_wait(client, job), 2)
 
     address = dashboard  # the state API of that cluster (an http address is its dashboard, not a GCS)
     node_type = {}
@@ -98,3 +121,48 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
     assert "RayTrainWorker" in classes["student_pool"], placed  # tenant runs
     assert any("FMLabeler" in cls for cls in classes["student_pool"]), placed  # the DAS's labelers
     assert any(cls.startswith("ServeReplica") for cls in classes["serve_pool"]), placed
+
+
+def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(cluster, tmp_path):
+    """A second student_pool node joins; once the tenant runs are training, the node holding a
+    tenant's Ray Train worker is killed (no graceful drain). Ray Train restarts the run's workers on
+    the node left, the tenants resume from their state files, the DAS's labelers are rebuilt, and
+    the job ends with every window committed whole and trained once by every tenant."""
+    from ray.util.state import list_actors
+
+    from exfm_ray.das.store import AugmentedStore
+    from exfm_ray.tenants.registry import TenantRegistry
+
+    c, dashboard = cluster
+    c.add_node(num_cpus=NODE_TYPES["student_pool"]["num_cpus"], resources={"student_pool": 3})
+    c.wait_for_nodes()
+    windows, storage = 5, tmp_path / "store"
+    client, job = _submit(dashboard, _config(windows), tmp_path)
+    registry = TenantRegistry(storage)
+    deadline = time.monotonic() + 400
+    while not all(registry.history(n) for n in ("feed", "stories")):
+        status = client.get_job_status(job)
+        assert time.monotonic() < deadline and status in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
+        time.sleep(1)
+    alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    trainers = {a.node_id for a in alive if a.class_name == "RayTrainWorker"
+                and any(k.startswith("student_pool") for k in a.required_resources or {})}  # fmt: skip
+    victims = [n for n in c.worker_nodes if n.node_id in trainers]
+    assert victims, [(a.class_name, a.node_id, a.required_resources) for a in alive]
+    # The supervisors run beside the job's driver, on the head: not lost with a worker node (they were).
+    where = {a.class_name: a.node_id for a in alive if a.class_name in ("JobSupervisor", "TenantManager", "FMGroup")}
+    assert set(where.values()) == {c.head_node.node_id}, where
+    trained = {n: len(registry.history(n)) for n in ("feed", "stories")}
+    killed_at = time.monotonic()
+    c.remove_node(victims[0], allow_graceful=False)
+    while not all(len(registry.history(n)) > trained[n] for n in trained):  # training goes on without it
+        assert time.monotonic() < killed_at + 300, client.get_job_logs(job)[-3000:]
+        time.sleep(0.5)
+    resumed = time.monotonic() - killed_at
+    print(f"node killed with {trained} windows trained; every tenant trained its next one {resumed:.1f} s later")
+    _served(_wait(client, job), windows - 1)
+    records = AugmentedStore(storage).records()
+    assert sorted(records) == list(range(windows))
+    assert all(r.output_rows == r.input_rows for r in records.values())
+    for tenant in ("feed", "stories"):
+        assert [r["window"] for r in registry.history(tenant)] == list(range(windows)), tenant
