@@ -31,18 +31,20 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     port = free_port()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                      "dashboard_port": port})  # fmt: skip
+    # Ports of its own: the tier's shared Ray already holds the defaults (its job agent's 52365).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": port,
+                                                      "dashboard_agent_listen_port": free_port()})  # fmt: skip
     try:
         for resource, node in NODE_TYPES.items():
-            c.add_node(num_cpus=node["num_cpus"], resources={resource: node["amount"]})
+            c.add_node(num_cpus=node["num_cpus"], resources={resource: node["amount"]},
+                       dashboard_agent_listen_port=free_port())  # fmt: skip
         c.wait_for_nodes()
-        yield c, f"http://127.0.0.1:{port}"
+        yield c, f"http://127.0.0.1:{port}", free_port()  # Serve's HTTP port: one per cluster, kept by Serve
     finally:
         c.shutdown()
 
 
-def _config(windows: int) -> dict:
+def _config(windows: int, serve_port: int) -> dict:
     """The whole loop, each part pinned to its node type by the custom resources of cluster.yaml. On a
     cluster the students stay served after a job: the next job's app replaces this one (same name)."""
     return {
@@ -51,7 +53,7 @@ def _config(windows: int) -> dict:
         "fm_resources": {"fm_shard": 1},
         "tenants": [{"name": n, "rows": [n], "resources_per_worker": {"student_pool": 1}} for n in ("feed", "stories")],
         "das_resources": {"student_pool": 0.1},
-        "serve": {"port": free_port(), "app_name": "students_multinode", "replica_cpus": 0.5,
+        "serve": {"port": serve_port, "app_name": "students_multinode", "replica_cpus": 0.5,
                   "replica_resources": {"serve_pool": 0.5}, "reload_interval_s": 0.5},
         "latency_requests": 10,
         "sample_rows": 8,
@@ -99,8 +101,8 @@ def _served(logs: str, last: int) -> None:
 def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_type(cluster, tmp_path):
     from ray.util.state import list_actors, list_nodes
 
-    _, dashboard = cluster
-    client, job = _submit(dashboard, _config(3), tmp_path)
+    _, dashboard, serve_port = cluster
+    client, job = _submit(dashboard, _config(3, serve_port), tmp_path)
     _served(_wait(client, job), 2)
 
     address = dashboard  # the state API of that cluster (an http address is its dashboard, not a GCS)
@@ -133,11 +135,12 @@ def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(c
     from exfm_ray.das.store import AugmentedStore
     from exfm_ray.tenants.registry import TenantRegistry
 
-    c, dashboard = cluster
-    c.add_node(num_cpus=NODE_TYPES["student_pool"]["num_cpus"], resources={"student_pool": 3})
+    c, dashboard, serve_port = cluster
+    c.add_node(num_cpus=NODE_TYPES["student_pool"]["num_cpus"], resources={"student_pool": 3},
+               dashboard_agent_listen_port=free_port())  # fmt: skip
     c.wait_for_nodes()
     windows, storage = 5, tmp_path / "store"
-    client, job = _submit(dashboard, _config(windows), tmp_path)
+    client, job = _submit(dashboard, _config(windows, serve_port), tmp_path)
     registry = TenantRegistry(storage)
     deadline = time.monotonic() + 400
     while not all(registry.history(n) for n in ("feed", "stories")):
