@@ -78,14 +78,12 @@ def test_leakage_guard_masks_rows_older_than_the_watermark(world):
     assert out.column("fm_mask").to_pylist() == (times > cut).tolist()
 
 
-def test_window_batches_hold_every_row_of_their_examples_once(world, tmp_path):
-    from exfm_ray.das.pipeline import AugmentConfig, Augmenter, _WindowJob
+def test_window_batches_hold_every_row_of_their_examples_once(world):
+    from exfm_ray.das.units import example_batches
 
     stream, _, _ = world
-    stream.write(tmp_path / "stream")
-    aug = Augmenter(AugmentConfig(storage=str(tmp_path / "store"), stream=str(tmp_path / "stream")))
     window = stream.windows[1]
-    batches = _WindowJob(aug, 1, 0.0).batches(50)
+    batches = example_batches(window, 50)
     ids = [b.column("example_id").to_numpy() for b in batches]
     assert all(len(np.unique(i)) <= 50 for i in ids) and len(batches) > 1
     owner = {}
@@ -114,10 +112,14 @@ def test_augmented_parquet_skips_dictionary_and_statistics_where_useless(world, 
 
 
 def test_the_ray_data_udfs_import_without_torch():
-    """Every Ray Data worker imports these; torch/torchrec would add seconds per fresh worker."""
+    """Every Ray Data worker imports these, and `ray.get_actor` of the FM group imports its class's
+    module (actors.fm_group) in the worker: torch/torchrec would add seconds per fresh worker."""
     import subprocess
     import sys
 
-    code = "import sys, exfm_ray.das.transforms, exfm_ray.das.store; print('torch' in sys.modules)"
+    code = (
+        "import sys, exfm_ray.das.transforms, exfm_ray.das.worker, exfm_ray.das.store, actors.fm_group; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
