@@ -67,7 +67,7 @@ class PipelineSupervisor:
             students = self.manager.train.remote(0, windows - 1, True)
             augmenter = Augmenter(AugmentConfig(storage=str(self.storage), stream=str(self.stream_dir),
                 group_name=self.cfg.fm_group, batch_size=self.cfg.das_batch_size,
-                labeler_resources=self.cfg.das_resources))  # fmt: skip
+                workers=self.cfg.das_workers, worker_resources=self.cfg.das_resources))  # fmt: skip
             for t in range(windows):
                 self._augment(augmenter, t)
                 self._serve_when_ready()

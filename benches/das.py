@@ -96,8 +96,8 @@ def _run(cfg: DasBenchConfig, root: Path, log) -> dict:
                 stream=stream_dir,
                 group_name=group_name,
                 batch_size=cfg.batch_size,
-                labelers=cfg.labelers,
-                in_flight_per_labeler=cfg.in_flight,
+                workers=cfg.labelers,
+                in_flight_per_worker=cfg.in_flight,
             )
         )
         took = _timed(lambda: aug.augment(1))

@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--storage", type=Path, help="storage root (default EXFM_STORAGE or runs/store)")
     p.add_argument("--address", help="Ray cluster address (default: EXFM_RAY_ADDRESS, else a local Ray)")
     p.add_argument("--group", default="exfm-fm", help="actor name of the FM group")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per FM call")
+    p.add_argument("--batch-size", type=int, default=4096, help="examples per FM call")
+    p.add_argument("--workers", type=int, default=1, help="DAS workers (spread over the cluster's nodes)")
+    p.add_argument("--unit-rows", type=int, default=65_536, help="rows one worker reads, labels and writes at a time")
     p.add_argument("--labels", type=Path, help="folder of delayed label events (example_id, task, label_time)")
     p.add_argument("--attribution-s", type=int, default=86_400, help="attribution window of delayed labels")
     p.set_defaults(run=run)
@@ -36,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
             "stream": str(args.stream.resolve()),
             "group_name": args.group,
             "batch_size": args.batch_size,
+            "workers": args.workers,
+            "unit_rows": args.unit_rows,
             "labels": {"path": str(args.labels.resolve()), "attribution_s": args.attribution_s}
             if args.labels
             else None,

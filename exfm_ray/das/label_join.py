@@ -34,13 +34,16 @@ class LabelJoinConfig(Config):
     )
 
 
-def read_events(cfg: LabelJoinConfig, start: int, end: int) -> pa.Table:
-    """Events that can belong to rows logged in [start, end)."""
+def read_events(cfg: LabelJoinConfig, start: int, end: int, example_ids: pa.Array | None = None) -> pa.Table:
+    """Events that can belong to rows logged in [start, end) (of these examples only, if given)."""
     if not Path(cfg.path).exists():
         return EVENT_SCHEMA.empty_table()
     ds = pds.dataset(cfg.path, format="parquet", schema=EVENT_SCHEMA, exclude_invalid_files=True)
     time = pds.field("label_time")
-    return ds.to_table(filter=(time >= start) & (time < end + cfg.attribution_s))
+    where = (time >= start) & (time < end + cfg.attribution_s)
+    if example_ids is not None:
+        where = where & pds.field("example_id").isin(example_ids)
+    return ds.to_table(filter=where)
 
 
 def label_watermark(cfg: LabelJoinConfig) -> int:

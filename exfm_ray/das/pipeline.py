@@ -2,48 +2,43 @@
 
 Per range of windows (exfm-method.md section 3):
 1. Leakage guard: the FM group's version must have trained on data strictly before each window.
-2. The driver reads each window and groups its rows by example_id (every tenant row of an example
-   lands in the same batch, `batch_size` examples per batch).
-3. One Ray Data execution for the whole range streams the batches through an actor pool of thin
-   FMLabeler clients of the FM group, several calls in flight per labeler: each batch's first row
-   per example goes to the FM (one FM call per unique example, however many tenants logged it) and
-   the outputs come back attached to every row of the batch.
-4. The driver writes each augmented batch as it arrives (joining delayed labels when a label stream
-   is configured) into a staging folder, so the write overlaps the FM work. A window whose delayed
-   labels have not closed yet (`--labels`) keeps only its FM outputs, staged per window
-   (`_fm/window=t`), and is finished by a later run without calling the FM again.
-5. Commit, in window order: rename the staging folder to window=t, then record it in the manifest.
-   A finished window re-run is a no-op.
-
-Measured on 2 cores (docs/benchmarks.md, "Data Augmentation Service"): the former design ran two
-Ray Data executions per window (read + dedup + FM, then read + attach + write_parquet); its fixed
-cost (two plans, actor pool start, read and write tasks in fresh workers) dominated a window.
+2. The driver plans each window from its Parquet footers: units of about `unit_rows` rows (runs of
+   row groups, `das/units.py`). It never reads rows, so its memory does not grow with the window.
+3. One Ray Data execution for the whole range sends the units to a pool of DAS workers spread
+   over the cluster (`das/worker.py`). A worker reads its unit, groups the rows by example_id
+   and sends each example's first row to the FM group (one FM call per unique example, however
+   many tenants logged it; the stream layout contract keeps an example in one unit), attaches the
+   outputs to every row, joins delayed labels when a label stream is configured, and writes the
+   unit as one Parquet part into the run's staging folder. A window whose delayed labels have not
+   closed yet (`--labels`) keeps only its FM outputs, staged per unit (`_fm/window=t`), and is
+   finished by a later run without calling the FM again.
+4. The driver only adds up the units' counts. Commit, in window order: rename the staging folder
+   to window=t, then record it in the manifest. A finished window re-run is a no-op.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 import uuid
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from exfm_ray.configbase import Config
-from exfm_ray.das.columns import FM_VERSION, attach, first_occurrence, label_columns, label_table
-from exfm_ray.das.label_join import LabelJoinConfig, join_labels, label_watermark, read_events
-from exfm_ray.das.store import AugmentedStore, WindowRecord, parquet_options
+from exfm_ray.das.label_join import LabelJoinConfig, label_watermark
+from exfm_ray.das.store import AugmentedStore, WindowRecord
+from exfm_ray.das.units import max_event_time, plan_window
 from exfm_ray.das.window_log import record_metrics
-from exfm_ray.data.stream import read_spec, window_dir
+from exfm_ray.das.worker import JOIN_KEYS, staged_labels_dir
+from exfm_ray.data.stream import read_spec
 from exfm_ray.errors import FMUnavailable
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMVersion, check_no_leakage
 from exfm_ray.schema import StreamSpec
 
-ROW_GROUP_ROWS = 32_768  # augmented rows per Parquet row group (the last one is written after the FM is done)
+STAGED_PLAN = "_PLAN.json"  # written once every unit of a waiting window has staged its FM outputs
+WORKER_CLOCKS = ("read_s", "label_s", "write_s")
 
 
 class AugmentConfig(Config):
@@ -53,18 +48,24 @@ class AugmentConfig(Config):
     group_namespace: str = Field("exfm", description="Ray namespace of the FM group.")
     batch_size: int = Field(4096, gt=0, description="Unique examples per FM call (a batch carries every tenant "
                             "row of its examples).")  # fmt: skip
-    labelers: int = Field(1, ge=1, description="Actors in the FMLabeler pool.")
-    labeler_cpus: float = Field(0.25, gt=0, description="CPUs reserved per labeler (it mostly waits on the FM).")
-    labeler_resources: dict[str, float] = Field(default_factory=dict, description="Custom resources per labeler.")
-    in_flight_per_labeler: int = Field(4, ge=1, description="FM calls each labeler runs at once: keeps the FM "
-                                       "ranks fed while batches travel; bounds memory.")  # fmt: skip
+    unit_rows: int = Field(65_536, gt=0, description="Rows per read unit (whole row groups are merged up to "
+                           "it): what one DAS worker reads, labels and writes as one Parquet part.")  # fmt: skip
+    workers: int = Field(1, ge=1, description="DAS workers (Ray Data actors that read, label and write units; "
+                      "add some per node to spread a window over the cluster).")  # fmt: skip
+    worker_cpus: float = Field(0.25, gt=0, description="CPUs reserved per DAS worker (it mostly waits on the FM).")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom resources per DAS worker.")
+    units_per_worker: int = Field(2, ge=1, description="Units a DAS worker holds at once: the read and write of "
+                               "one overlap the FM calls of another; bounds a worker's memory.")  # fmt: skip
+    in_flight_per_worker: int = Field(4, ge=1, description="FM calls each DAS worker runs at once: keeps the FM "
+                                   "ranks fed while batches travel.")  # fmt: skip
     max_wait_s: float = Field(120.0, ge=0, description="How long a batch waits for an unavailable FM before "
                               "its rows are emitted with the FM mask off.")  # fmt: skip
     labels: LabelJoinConfig | None = Field(None, description="Delayed-label stream; None: labels are in the rows.")
 
 
 # A test seam, not configuration: a crash test sets it in the process it is about to kill, to end
-# that process at this point of a window ("after_fm_pass" or "after_write").
+# that process at this point of a window ("after_fm_pass": a unit's part is written;
+# "after_write": every part is written, nothing committed).
 CRASH_AT: str | None = None
 
 
@@ -92,8 +93,7 @@ class Augmenter:
         starts = self.spec.window_starts
         if t + 1 < len(starts):
             return starts[t], starts[t + 1]
-        last = pq.read_table(window_dir(self.cfg.stream, t), columns=["event_time"]).column("event_time")
-        return starts[t], int(pc.max(last).as_py()) + 1
+        return starts[t], max_event_time(self.cfg.stream, t) + 1
 
     def augment(self, t: int) -> dict:
         """Augment window t; returns {"window", "status", "record"}. Idempotent."""
@@ -101,7 +101,7 @@ class Augmenter:
 
     def augment_range(self, windows: list[int], progress=None) -> list[dict]:
         """Augment windows; results (and `progress(result)` calls) come in the order given. The FM
-        work of every pending window runs as one Ray Data job (one labeler pool for the range);
+        work of every pending window runs as one Ray Data job (one worker pool for the range);
         windows are committed in that order."""
         self.timings = {}
         self._last_commit = 0.0
@@ -126,7 +126,7 @@ class Augmenter:
                 check_no_leakage(version, t, self.spec.window_starts[t])
             emb_dim = _emb_dim(version.spec, version.fm)
             self._phase("fm_version", mark)
-            self._run(pending, emb_dim, report)
+            self._run(pending, emb_dim, report, "fm")
         report()
         return [results[t] for t in windows]
 
@@ -137,17 +137,19 @@ class Augmenter:
         done = self.store.records()
         if t in done:
             return {"window": t, "status": "already_done", "record": done[t]}
-        job = _WindowJob(self, t, time.perf_counter())
-        return self._commit(job, job.finish_with(job.null_labels(_emb_dim(self.spec, fm)), stage=False))
+        results = []
+        self._run([t], _emb_dim(self.spec, fm), results.append, "null")
+        return results[0]
 
-    def _run(self, pending: list[int], emb_dim: int, report) -> None:
+    def _run(self, pending: list[int], emb_dim: int, report, mode: str) -> None:
         start = time.perf_counter()
-        jobs = [_WindowJob(self, t, start) for t in pending]
-        self._phase("read", start)
-        ready: dict[int, tuple[_WindowJob, dict | None]] = {}
+        staging = self.store.staging_dir(uuid.uuid4().hex)
+        jobs = [_Window(self, t, mode, staging, start) for t in pending]
+        self._phase("plan", start)
+        ready: dict[int, tuple[_Window, dict | None]] = {}
         next_up = 0
 
-        def finished(job: _WindowJob, result: dict | None) -> None:
+        def finished(job: _Window, result: dict | None) -> None:
             """Commit (or report as waiting) every window up to the first one still in flight."""
             nonlocal next_up
             ready[job.t] = (job, result)
@@ -155,79 +157,75 @@ class Augmenter:
                 report(self._commit(*ready.pop(pending[next_up])))
                 next_up += 1
 
-        fm_jobs = []
         for job in jobs:
-            staged = self.fm_labels_path(job.t)
-            if staged.exists():  # FM outputs of an earlier run that waited for delayed labels
-                finished(job, job.finish_with(pq.read_table(staged), stage=False))
-            elif job.table.num_rows == 0:
-                finished(job, job.finish_with(job.null_labels(emb_dim), stage=True))
-            else:
-                fm_jobs.append(job)
-        if fm_jobs:
-            self._fm_stream(fm_jobs, emb_dim, finished)
+            if not job.units:  # staged FM outputs still waiting for their labels
+                finished(job, job.waiting_result())
+        todo = [job for job in jobs if job.units]
+        if todo:
+            self._stream(todo, emb_dim, staging, finished)
 
-    def _fm_stream(self, jobs: list[_WindowJob], emb_dim: int, finished) -> None:
-        """One Ray Data execution: grouped batches -> FMLabeler pool -> augmented batches, each
-        written as it arrives."""
+    def _stream(self, jobs: list[_Window], emb_dim: int, staging, finished) -> None:
+        """One Ray Data execution: units -> DAS worker pool -> a Parquet part and counts per unit."""
         import ray
         from ray.data import ActorPoolStrategy
 
-        from exfm_ray.das.transforms import FMLabeler
+        from exfm_ray.das.worker import DASWorker
 
-        start = time.perf_counter()
+        cfg = self.cfg
         by_window = {job.t: job for job in jobs}
-        calls = self.cfg.in_flight_per_labeler
-        # from_blocks: block metadata computed here; from_arrow would run a metadata task per block in a
-        # worker that may be cold (importing Ray Data there: ~2 s per window, measured).
-        blocks = ray.data.from_blocks([block for job in jobs for block in job.batches(self.cfg.batch_size)])
-        ds = blocks.map_batches(
-            FMLabeler,
-            fn_constructor_args=(
-                self.cfg.group_name,
-                self.cfg.group_namespace,
-                self.cfg.max_wait_s,
-                self.spec.to_json(),
-                emb_dim,
-            ),
-            batch_size=None,  # a block is one batch: the driver cut it at example boundaries
+        units = [unit for job in jobs for unit in job.units]
+        settings = {
+            "group_name": cfg.group_name,
+            "group_namespace": cfg.group_namespace,
+            "max_wait_s": cfg.max_wait_s,
+            "batch_size": cfg.batch_size,
+            "in_flight": cfg.in_flight_per_worker,
+            "labels": cfg.labels.model_dump(mode="json") if cfg.labels else None,
+        }
+        per_worker = cfg.units_per_worker
+        # from_blocks: one block per unit with its metadata computed here (from_items/from_arrow run
+        # tasks in a cold worker first: seconds per window, measured).
+        import pyarrow as pa
+
+        ds = ray.data.from_blocks([pa.Table.from_pylist([unit]) for unit in units]).map_batches(
+            DASWorker,
+            fn_constructor_args=(settings, self.spec.to_json(), emb_dim, str(staging), str(self.store.root)),
+            batch_size=1,  # one unit per call: a worker's memory is bounded by units_per_worker units
             batch_format="pyarrow",
-            num_cpus=self.cfg.labeler_cpus,
-            resources=dict(self.cfg.labeler_resources) or None,
+            num_cpus=cfg.worker_cpus,
+            resources=dict(cfg.worker_resources) or None,
             compute=ActorPoolStrategy(
-                size=self.cfg.labelers,
-                max_tasks_in_flight_per_actor=calls,
-                max_concurrent_calls_per_actor=calls,
-                enable_true_multi_threading=True,  # FMLabeler is thread-safe; its calls mostly wait
+                size=min(cfg.workers, len(units)),
+                max_tasks_in_flight_per_actor=per_worker,
+                max_concurrent_calls_per_actor=per_worker,
+                enable_true_multi_threading=True,  # the worker is thread-safe; its calls mostly wait
             ),
         )
-        self._phase("group_rows", start)
         mark = time.perf_counter()
-        for bundle in ds.iter_internal_ref_bundles():
-            for ref in bundle.block_refs:
-                out = ray.get(ref)
-                if "first_batch" not in self.timings:
-                    self._phase("first_batch", mark)
-                write = time.perf_counter()
-                for t, part in _split_by_window(out):
-                    job = by_window[t]
-                    job.add(part)
-                    if job.complete:
-                        finished(job, job.close(stage=True))
-                self._phase("driver_write", write)
+        for row in ds.iter_rows():
+            if "first_unit" not in self.timings:
+                self._phase("first_unit", mark)
+            for name in WORKER_CLOCKS:
+                self.timings[f"worker_{name}"] = round(self.timings.get(f"worker_{name}", 0.0) + row[name], 3)
+            job = by_window[row["window"]]
+            job.add(row)
+            if CRASH_AT == "after_fm_pass":
+                _crash()
+            if job.complete:
+                finished(job, job.close())
         self._phase("fm_stream", mark)
         missing = [job.t for job in jobs if not job.complete]
-        assert not missing, f"windows {missing} did not come back complete from the FM pass"
+        assert not missing, f"windows {missing} did not come back complete from the DAS workers"
 
-    def _commit(self, job: _WindowJob, result: dict | None) -> dict:
+    def _commit(self, job: _Window, result: dict | None) -> dict:
         """Commit a finished window (result None) or pass on a window that waits for labels."""
         if result is not None:
             return result
         mark = time.perf_counter()
         record = job.record(since=self._last_commit)  # a window's time starts at the previous commit
-        self.store.commit(job.t, job.staged.parent, record, self.spec)
+        self.store.commit(job.t, job.staged, record, self.spec)
         record_metrics(record)
-        self.fm_labels_path(job.t).unlink(missing_ok=True)
+        shutil.rmtree(staged_labels_dir(self.store.root, job.t), ignore_errors=True)
         self._last_commit = time.perf_counter()
         self._phase("commit", mark)
         return {"window": job.t, "status": "committed", "record": record}
@@ -240,125 +238,67 @@ class Augmenter:
             raise FMUnavailable(f"FM group {self.cfg.group_name!r} holds no FM version yet")
         return version
 
-    def fm_labels_path(self, t: int) -> Path:
-        return self.store.root / "_fm" / f"window={t}" / "labels.parquet"
-
     def _phase(self, name: str, since: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - since, 3)
 
 
-class _WindowJob:
-    """One window in flight: its rows, grouped by example for the FM, and the staging writer."""
+class _Window:
+    """One window in flight, as the driver sees it: its units and the counts they sent back."""
 
-    def __init__(self, aug: Augmenter, t: int, start: float):
+    def __init__(self, aug: Augmenter, t: int, mode: str, staging, start: float):
         self.aug, self.t, self.start = aug, t, start
-        self.table: pa.Table | None = pq.read_table(window_dir(aug.cfg.stream, t), partitioning=None)
-        self.num_rows = self.table.num_rows
-        self.events: pa.Table | None = None
-        self.waiting = False
-        if aug.cfg.labels is not None:
+        self.staged = staging / f"window={t}"
+        labels = aug.cfg.labels
+        self.waiting, begin, end = False, -1, -1
+        if labels is not None:
             begin, end = aug.window_bounds(t)
-            self.waiting = label_watermark(aug.cfg.labels) < end + aug.cfg.labels.attribution_s
-            if not self.waiting:
-                self.events = read_events(aug.cfg.labels, begin, end)
-        self.staged = aug.store.staging_dir(uuid.uuid4().hex) / f"window={t}" / "part-0.parquet"
-        self.rows_in = 0
-        self.buffer: list[pa.Table] = []
-        self.writer: pq.ParquetWriter | None = None
-        self.labels: list[pa.Table] = []  # FM outputs per example, kept only while waiting for labels
-        self.counts = {"written": 0, "fm_calls": 0, "masked": 0, "unlabeled": 0}
-        self.versions: set[str] = set()
-        self.join: dict[str, int] = {}
-
-    def null_labels(self, emb_dim: int) -> pa.Table:
-        """No FM output for any example of the window (its rows get the FM mask off)."""
-        ids = pa.array(np.unique(self.table.column("example_id").to_numpy()), pa.int64())
-        return label_table(ids, None, self.aug.spec.tenant_names, emb_dim, int(time.time()))
-
-    def batches(self, batch_size: int) -> list[pa.Table]:
-        """The window's rows grouped by example_id, cut every `batch_size` examples."""
-        ids = self.table.column("example_id").to_numpy()
-        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        rank = np.empty(len(first), np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # examples in order of first row
-        example = rank[inverse]
-        order = np.argsort(example, kind="stable")
-        grouped = self.table.take(pa.array(order))
-        cuts = np.searchsorted(example[order], np.arange(0, len(first), batch_size)).tolist() + [len(ids)]
-        return [grouped.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+            self.waiting = label_watermark(labels) < end + labels.attribution_s
+        plan = staged_labels_dir(aug.store.root, t) / STAGED_PLAN
+        if mode == "fm" and plan.exists():  # FM outputs of an earlier run that waited for delayed labels
+            saved = json.loads(plan.read_text())
+            units, self.num_rows, mode = saved["units"], saved["rows"], "staged"
+        else:
+            units, self.num_rows = plan_window(aug.cfg.stream, t, aug.cfg.unit_rows)
+        self.plan = units
+        run = not (mode == "staged" and self.waiting)
+        extra = {"mode": mode, "waiting": self.waiting and mode != "staged", "begin": begin, "end": end}
+        self.units = [{**u, **extra} for u in units] if run else []
+        self.stats: dict[int, dict] = {}  # by unit index: a unit Ray Data ran twice counts once
 
     @property
     def complete(self) -> bool:
-        return self.rows_in == self.num_rows
+        return len(self.stats) == len(self.units)
 
-    def add(self, rows: pa.Table) -> None:
-        """Augmented rows (every tenant row of their examples) of this window."""
-        self.rows_in += rows.num_rows
-        if self.waiting:
-            self.labels.append(_first_rows(rows).select(label_columns(self.aug.spec.tenant_names)))
-            return
-        version = rows.column(FM_VERSION)
-        labeled = rows.column("example_id").filter(version.is_valid()) if version.null_count else rows["example_id"]
-        self.counts["fm_calls"] += len(np.unique(labeled.to_numpy()))
-        self.counts["masked"] += rows.num_rows - int(pc.sum(rows.column("fm_mask")).as_py() or 0)
-        self.counts["unlabeled"] += version.null_count
-        self.versions |= {v for v in pc.unique(version).to_pylist() if v}
-        if self.events is not None:
-            rows, counts = join_labels(rows, _events_of(self.events, rows), self.aug.spec, self.aug.cfg.labels)
-            for key, n in counts.items():
-                self.join[key] = self.join.get(key, 0) + n
-        self.buffer.append(rows)
-        if sum(b.num_rows for b in self.buffer) >= ROW_GROUP_ROWS:
-            self._flush()
+    def add(self, row: dict) -> None:
+        self.stats[row["index"]] = row
 
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        table = pa.concat_tables(self.buffer)
-        self.buffer = []
-        if self.writer is None:
-            self.staged.parent.mkdir(parents=True)
-            self.writer = pq.ParquetWriter(self.staged, table.schema, **parquet_options(table.schema))
-        self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        self.counts["written"] += table.num_rows
+    def waiting_result(self) -> dict:
+        return {"window": self.t, "status": "waiting_for_labels", "record": None}
 
-    def finish_with(self, labels: pa.Table, stage: bool) -> dict | None:
-        """Finish the window from its FM outputs per example (staged, or none at all)."""
-        self.add(attach(self.table, labels, self.aug.spec))
-        return self.close(stage)
-
-    def close(self, stage: bool) -> dict | None:
-        """End of the window's rows: stage FM outputs (waiting for labels) or close the file.
-        Returns the result of a waiting window, None for a window ready to commit."""
-        if CRASH_AT == "after_fm_pass":
-            _crash()
-        self.table = None  # every row has come back: free the window's input
-        if self.waiting:
-            if stage and self.labels:
-                path = self.aug.fm_labels_path(self.t)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.concat_tables(self.labels), path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").rename(path)
-            return {"window": self.t, "status": "waiting_for_labels", "record": None}
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
+    def close(self) -> dict | None:
+        """Every unit is back: record a waiting window's staged plan, or hand the window to commit."""
+        if self.units[0]["waiting"]:
+            folder = staged_labels_dir(self.aug.store.root, self.t)
+            (folder / STAGED_PLAN).write_text(json.dumps({"units": self.plan, "rows": self.num_rows}))
+            return self.waiting_result()
         if CRASH_AT == "after_write":
             _crash()
         return None
 
     def record(self, since: float) -> WindowRecord:
-        c = self.counts
+        stats = self.stats.values()
+        total = {k: sum(s[k] for s in stats) for k in ("rows", "fm_calls", "masked", "unlabeled")}
+        versions = {v for s in stats for v in s["versions"].split(",") if v}
         record = WindowRecord(
             window=self.t,
             input_rows=self.num_rows,
-            output_rows=c["written"],
-            fm_calls=c["fm_calls"],
-            fm_versions=sorted(self.versions),
-            masked_rows=c["masked"],
-            unlabeled_rows=c["unlabeled"],
+            output_rows=total["rows"],
+            fm_calls=total["fm_calls"],
+            fm_versions=sorted(versions),
+            masked_rows=total["masked"],
+            unlabeled_rows=total["unlabeled"],
             duration_s=round(time.perf_counter() - max(self.start, since), 3),
-            label_join=self.join if self.events is not None else {},
+            label_join={k: sum(s[f"join_{k}"] for s in stats) for k in JOIN_KEYS} if self.aug.cfg.labels else {},
         )
         assert record.output_rows == record.input_rows, record
         return record
@@ -368,24 +308,6 @@ def _emb_dim(spec: StreamSpec, fm: FMConfig) -> int:
     from exfm_ray.fm.model import build_fm
 
     return build_fm(spec, fm, device="meta").hidden_dim
-
-
-def _split_by_window(rows: pa.Table) -> list[tuple[int, pa.Table]]:
-    """A batch comes from one window; split it if Ray Data ever merged two."""
-    lo, hi = pc.min_max(rows.column("window")).values()
-    if lo.as_py() == hi.as_py():
-        return [(lo.as_py(), rows)]
-    windows = pc.unique(rows.column("window")).to_pylist()
-    return [(t, rows.filter(pc.equal(rows.column("window"), t))) for t in windows]
-
-
-def _first_rows(rows: pa.Table) -> pa.Table:
-    return rows.filter(pa.array(first_occurrence(rows.column("example_id").to_numpy())))
-
-
-def _events_of(events: pa.Table, rows: pa.Table) -> pa.Table:
-    """The label events of these rows' examples (a batch holds every row of its examples)."""
-    return events.filter(pc.is_in(events.column("example_id"), value_set=rows.column("example_id").combine_chunks()))
 
 
 def _crash() -> None:

@@ -42,6 +42,19 @@ class LoadReport:
         return f"{self.rows_read} rows read, {self.rows_kept} kept; excluded: {parts}"
 
 
+STREAM_ROW_GROUP_ROWS = 65_536  # a DAS worker reads whole row groups: this bounds what one reads
+
+
+def examples_together(table: pa.Table) -> pa.Table:
+    """The rows of each example moved next to its first row (a stable reorder; a table already in
+    that layout comes back as is)."""
+    ids = table.column("example_id").to_numpy()
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    if len(ids) == 0 or np.count_nonzero(ids[1:] != ids[:-1]) + 1 == len(first):
+        return table
+    return table.take(pa.array(np.argsort(first[inverse], kind="stable")))
+
+
 @dataclass
 class Stream:
     spec: StreamSpec
@@ -56,12 +69,12 @@ class Stream:
         table = self.windows[window]
         return table.filter(pc.equal(table.column("tenant"), tenant))
 
-    def write(self, root: str | Path) -> Path:
+    def write(self, root: str | Path, row_group_rows: int = STREAM_ROW_GROUP_ROWS) -> Path:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         (root / SPEC_FILE).write_text(self.spec.to_json())
         for t, table in enumerate(self.windows):
-            write_window(root, t, table)
+            write_window(root, t, table, row_group_rows)
         return root
 
 
@@ -69,14 +82,16 @@ def window_dir(root: str | Path, t: int) -> Path:
     return Path(root) / f"window={t}"
 
 
-def write_window(root: str | Path, t: int, table: pa.Table) -> Path:
+def write_window(root: str | Path, t: int, table: pa.Table, row_group_rows: int = STREAM_ROW_GROUP_ROWS) -> Path:
     """Written under a hidden name, then renamed: a reader (the DAS, a following FM job) sees the
-    window whole or not at all (Parquet readers skip names starting with '.')."""
+    window whole or not at all (Parquet readers skip names starting with '.'). The rows of one
+    example are written together (the DAS's layout contract, README "Stream layout")."""
+    table = examples_together(table)
     folder = window_dir(root, t)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "part-0.parquet"
     tmp = folder / f".part-0.parquet.{os.getpid()}"
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=row_group_rows)
     os.replace(tmp, path)
     return path
 

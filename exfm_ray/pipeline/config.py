@@ -38,8 +38,9 @@ class PipelineConfig(Config):
         TENANTS_PER_RUN, ge=1, description="One-worker tenants one training run hosts at most."
     )
     das_batch_size: int = Field(4096, gt=0, description="Rows per FM call in the DAS.")
+    das_workers: int = Field(1, ge=1, description="DAS workers (each reads, labels and writes units of a window).")
     das_resources: dict[str, float] = Field(
-        default_factory=dict, description='Custom resources per DAS labeler, e.g. {"student_pool": 0.1}.'
+        default_factory=dict, description='Custom resources per DAS worker, e.g. {"student_pool": 0.1}.'
     )
     serve: dict = Field(
         default_factory=dict, description="ServeConfig fields for the student service (port, host, replicas ...)."

@@ -32,7 +32,7 @@ GROUP = "fm-das"
 def world(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("das")
     stream = SyntheticStream(SyntheticConfig(num_windows=4, rows_per_window=2500, num_tenants=3, overlap=0.2)).stream()
-    stream.write(root / "stream")
+    stream.write(root / "stream", row_group_rows=500)  # several units per window
     torch.manual_seed(0)
     cfg = FMConfig(size=1)
     fm = build_fm(stream.spec, cfg).eval()
@@ -48,6 +48,7 @@ def world(ray_cluster, tmp_path_factory):
 
 
 def das_cfg(root, storage=None, **kw) -> AugmentConfig:
+    kw.setdefault("unit_rows", 1000)  # windows of ~3,000 rows in several units
     return AugmentConfig(storage=str(storage or root), stream=str(root / "stream"), group_name=GROUP, **kw)
 
 
@@ -62,8 +63,9 @@ def comparable(table: pa.Table) -> pa.Table:
 
 def test_window_is_augmented_completely_with_fm_outputs_equal_to_in_process(world):
     stream, root, labeler, _ = world
-    [result] = augment_windows(das_cfg(root, batch_size=700), [1])
+    [result] = augment_windows(das_cfg(root, batch_size=700, unit_rows=1000, workers=2), [1])
     rec = result["record"]
+    assert len(list((root / "augmented" / "window=1").glob("part-*.parquet"))) >= 3  # one part per unit
     out = AugmentedStore(root).read_window(1).sort_by(KEY)
     ref = reference(world, 1)
     assert rec.input_rows == rec.output_rows == out.num_rows == stream.windows[1].num_rows

@@ -121,14 +121,14 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
     classes = {resource: {cls for cls, r in placed if r == resource} for resource in NODE_TYPES}
     assert "FMShard" in classes["fm_shard"] and "RayTrainWorker" in classes["fm_shard"], placed  # group + training
     assert "RayTrainWorker" in classes["student_pool"], placed  # tenant runs
-    assert any("FMLabeler" in cls for cls in classes["student_pool"]), placed  # the DAS's labelers
+    assert any("DASWorker" in cls for cls in classes["student_pool"]), placed  # the DAS workers
     assert any(cls.startswith("ServeReplica") for cls in classes["serve_pool"]), placed
 
 
 def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(cluster, tmp_path):
     """A second student_pool node joins; once the tenant runs are training, the node holding a
     tenant's Ray Train worker is killed (no graceful drain). Ray Train restarts the run's workers on
-    the node left, the tenants resume from their state files, the DAS's labelers are rebuilt, and
+    the node left, the tenants resume from their state files, the DAS's workers are rebuilt, and
     the job ends with every window committed whole and trained once by every tenant."""
     from ray.util.state import list_actors
 

@@ -20,6 +20,7 @@ FROZEN = {
     },
     "augment": {
         "--address", "--attribution-s", "--batch-size", "--group", "--labels", "--storage", "--stream", "--windows",
+        "--workers", "--unit-rows",
     },
     "fm": set(),
     "fm start": {"--address", "--name", "--replicas", "--sharding", "--shards", "--storage", "--version"},
