@@ -209,21 +209,21 @@ class TenantManager:
         return [n for n in launch.members if self.runs.get(n, {}).get("group") == launch.key]
 
     def _refresh(self) -> None:
-        """A running run reports a member it dropped (failed or removed) in the member's progress."""
+        """A running run reports the members it dropped (failed or removed) in one file per run."""
         for launch in self.launches.values():
             if launch.status != "running":
                 continue
-            for name in self._hosted(launch):
-                state = self.runs[name]
-                if state["status"] != "running":
+            hosted = set(self._hosted(launch))
+            for name, drop in self.registry.dropped(launch.key).items():
+                state = self.runs.get(name)
+                if name not in hosted or state is None or state["status"] != "running":
                     continue
-                p = self.registry.progress(name)
-                if p.get("run") != state["run"] or p.get("updated_at", 0) < launch.started_at:
+                if drop["run"] != state["run"] or drop["updated_at"] < launch.started_at:
                     continue
-                if p.get("phase") == "failed":
-                    state.update(status="failed", error=p.get("error", ""), ended_at=p["updated_at"])
-                elif p.get("phase") == "done":
-                    state.update(status="finished", ended_at=p["updated_at"])
+                if drop["phase"] == "failed":
+                    state.update(status="failed", error=drop["error"], ended_at=drop["updated_at"])
+                elif drop["phase"] == "done":
+                    state.update(status="finished", ended_at=drop["updated_at"])
 
     def _failed(self, entry: TenantEntry) -> bool:
         state = self.runs.get(entry.config.name, {})

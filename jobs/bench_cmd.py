@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 from exfm_ray.configbase import read_yaml
 from exfm_ray.errors import ConfigError
-from jobs import tenants_cmd
 from jobs.settings import Settings
 
 
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # name the flag the user typed, not the config field
         raise ConfigError(re.sub(r"field '(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
     # The tenants bench adds tenants with `exfm tenants add`, as a user would; benches cannot import jobs.
-    extra = {"cli": _exfm_tenants} if args.bench == "tenants" else {}
+    extra = {"cli": args.exfm} if args.bench == "tenants" else {}
     serves = args.bench in ("serve", "tenants")
     if bench.cpus is None:
         results = module.run(cfg)
@@ -123,15 +122,6 @@ def run(args: argparse.Namespace) -> int:
         print("not every tenant trained every window once: see the curve above")
         return 1
     return 0
-
-
-def _exfm_tenants(argv: list[str]) -> int:
-    """`exfm tenants ...` in this process: the command's own parser and handler (not jobs.cli, which
-    imports this module)."""
-    parser = argparse.ArgumentParser(prog="exfm")
-    tenants_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
 
 
 def _fields(args: argparse.Namespace) -> dict:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
+    parser.set_defaults(exfm=main)  # a command that runs other commands (exfm bench tenants) calls this
     return parser
 
 

@@ -32,9 +32,10 @@ def version_name(entry: TenantEntry, window: int) -> str:
     return f"g{entry.generation}-w{window:04d}"
 
 
-def is_active(registry: TenantRegistry, entry: TenantEntry) -> bool:
-    """The entry is still the tenant's current, active registration (not removed, not re-added)."""
-    now = registry.entries().get(entry.config.name)
+def is_active(entries: dict[str, TenantEntry], entry: TenantEntry) -> bool:
+    """The entry is still the tenant's current, active registration (not removed, not re-added);
+    `entries`: the registry's, as read once by the caller."""
+    now = entries.get(entry.config.name)
     return now is not None and now.status == "active" and now.generation == entry.generation
 
 
@@ -91,7 +92,7 @@ class TenantFiles:
         self._save_state(run)
         self._write_metrics(run)
         # A tenant removed while this window trained is no longer served: do not publish it again.
-        published = self._publish(run) if is_active(self.registry, self.entry) else None
+        published = self._publish(run) if is_active(self.registry.entries(), self.entry) else None
         tags = {"tenant": self.name}
         for key in ("ne", "auc", "calibration", "control_ne", "fm_ne", "served_ne", "rows_per_s"):
             value = record.get(key)

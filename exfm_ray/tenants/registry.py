@@ -73,6 +73,14 @@ class TenantRegistry:
         """Present while the tenant manager asks the run to give up its slot after its current window."""
         return self.run_dir(key) / "yield"
 
+    def dropped_path(self, key: str) -> Path:
+        """Members the run let go of and why ({name: {run, phase, error, updated_at}}): the tenant
+        manager reads this one file per run and poll, not every member's progress."""
+        return self.run_dir(key) / "dropped.json"
+
+    def dropped(self, key: str) -> dict:
+        return self.read_json(self.dropped_path(key)) or {}
+
     def metrics_path(self, name: str) -> Path:
         return self.tenant_dir(name) / "metrics.json"
 

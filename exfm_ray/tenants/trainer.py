@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
-from exfm_ray.tenants.outputs import TenantFiles
+from exfm_ray.files import atomic_write
+from exfm_ray.tenants.outputs import TenantFiles, is_active
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
 
 # One-worker tenants one run hosts at most. Runs open first (up to max_concurrent), so the cap only
@@ -92,12 +93,13 @@ class _Group:
         self.members: dict[str, _Member] = {}
         self.results: dict[str, dict] = {}
         self.failed: set[str] = set()  # run names that failed here: not taken again by this run
+        self.dropped: dict[str, dict] = {}  # what the manager learns from registry.dropped(key)
 
     def sync(self) -> None:
         entries = self.registry.entries()
         names = self._names()
         for name, m in list(self.members.items()):
-            if name not in names or not _current(entries, m.entry):  # removed, re-added or moved away
+            if name not in names or not is_active(entries, m.entry):  # removed, re-added or moved away
                 self._drop(m, "finished")
         for name in names:
             entry = entries.get(name)
@@ -154,12 +156,21 @@ class _Group:
         LOG.error("tenant %s failed in run %s: %s", entry.config.name, self.cfg.key, error)
         self.failed.add(entry.run_name)
         files.progress(0, window, "failed", 0, 0, error=error)
+        self._note_drop(entry, "failed", error)
         self.results[entry.config.name] = {"tenant": entry.config.name, "run": entry.run_name, "status": "failed",
-                                           "error": error, "windows": [], "last_window": window - 1}  # fmt: skip
+                                           "error": error, "windows": []}  # fmt: skip
+
+    def _note_drop(self, entry: TenantEntry, phase: str, error: str = "") -> None:
+        if self.rank != 0:
+            return
+        drop = {"run": entry.run_name, "phase": phase, "error": error, "updated_at": time.time()}
+        self.dropped[entry.config.name] = drop
+        atomic_write(self.registry.dropped_path(self.cfg.key), json.dumps(self.dropped))
 
     def _drop(self, m: _Member, status: str) -> None:
         self.members.pop(m.entry.config.name, None)
         m.files.progress(len(m.run.history), m.run.last_window, "done", 0, 0)
+        self._note_drop(m.entry, "done")
         self.results[m.entry.config.name] = {
             "tenant": m.entry.config.name, "run": m.entry.run_name, "status": status,
             "windows": [r["window"] for r in m.run.history], "last_window": m.run.last_window,
@@ -211,11 +222,6 @@ def train_loop(config: dict) -> dict:
             group.train(m, store.read_window(m.next, columns=m.run.view.columns))
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
-
-
-def _current(entries: dict[str, TenantEntry], entry: TenantEntry) -> bool:
-    now = entries.get(entry.config.name)
-    return now is not None and now.status == "active" and now.generation == entry.generation
 
 
 def _wait_for_spec(store, run_cfg: TenantRunConfig):
