@@ -68,6 +68,14 @@ BENCHES = {
         ("--serve", bool, True, "serve the largest count with the serve bench at the end"),
         ("--plot", Path, None, "PNG of the curve (default: beside --json, else runs/bench/tenants.png)"),
     ], lambda cfg: max(cfg.max_concurrent, 2), "TenantsBenchConfig"),  # 1 CPU per run; Serve after: 2 x 0.5
+    "scale": Bench("per-window time and peak RSS (DAS driver, FM ranks, DAS workers, a trainer) by window size", [
+        ("--rows", _int_list, [100_000, 300_000, 1_000_000, 3_000_000], "window sizes (examples), comma-separated"),
+        ("--fm-size", int, 2, "FM size dial"),
+        ("--workers", int, 2, "DAS workers"),
+        ("--train", bool, True, "also train one tenant on each window"),
+        ("--das-repeats", int, 2, "rounds of `exfm bench das` for das_ratio (0: skip)"),
+        ("--plot", Path, None, "PNG of the curves (default runs/bench/scale.png)"),
+    ], 4, "ScaleBenchConfig"),  # 2 FM ranks + DAS workers + the das bench's group
 }  # fmt: skip
 
 

@@ -42,6 +42,7 @@ FROZEN = {
         "--json", "--counts", "--rows-per-window", "--max-concurrent", "--tenants-per-run", "--idle-seconds", "--serve",
         "--no-serve", "--plot",
     },
+    "bench scale": {"--json", "--rows", "--fm-size", "--workers", "--train", "--no-train", "--das-repeats", "--plot"},
     "tenants": set(),
     "tenants add": {"--address", "--config", "--replace", "--storage", "--stream"},
     "tenants list": {"--address", "--json", "--storage"},
