@@ -3,6 +3,9 @@ its node types declared by the custom resources of cluster.yaml. The whole loop 
 through the Jobs API, as `ray job submit` does, and every actor that asked for a node type's
 resource is found on a node of that type (issue 17)."""
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,20 +129,28 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
 
 
 def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(cluster, tmp_path):
-    """A second student_pool node joins; once the tenant runs are training, the node holding a
-    tenant's Ray Train worker is killed (no graceful drain). Ray Train restarts the run's workers on
-    the node left, the tenants resume from their state files, the DAS's workers are rebuilt, and
-    the job ends with every window committed whole and trained once by every tenant."""
+    """A second student_pool node joins; once the tenant runs are training and Serve answers, the
+    node holding a tenant's Ray Train worker is killed (no graceful drain) while a client keeps
+    asking Serve. Ray Train restarts the run's workers on the node left, the tenants resume from
+    their state files, the DAS's workers are rebuilt, Serve answers >= 99% of the requests sent
+    during the kill, and the job ends with every window committed whole and trained once by every
+    tenant."""
+    import asyncio
+    import threading
+
     from ray.util.state import list_actors
 
+    from exfm_ray.bench.http_load import concurrent, post_until
     from exfm_ray.das.store import AugmentedStore
+    from exfm_ray.students.store import StudentStore
     from exfm_ray.tenants.registry import TenantRegistry
+    from tests.serving_helpers import rows_for
 
     c, dashboard, serve_port = cluster
     c.add_node(num_cpus=NODE_TYPES["student_pool"]["num_cpus"], resources={"student_pool": 3},
                dashboard_agent_listen_port=free_port())  # fmt: skip
     c.wait_for_nodes()
-    windows, storage = 5, tmp_path / "store"
+    windows, storage = 6, tmp_path / "store"
     client, job = _submit(dashboard, _config(windows, serve_port), tmp_path)
     registry = TenantRegistry(storage)
     deadline = time.monotonic() + 400
@@ -147,6 +158,11 @@ def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(c
         status = client.get_job_status(job)
         assert time.monotonic() < deadline and status in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
         time.sleep(1)
+    url = f"http://127.0.0.1:{serve_port}/v1/tenants/feed/predict"
+    bodies = [{"rows": rows_for(StudentStore(storage), "feed", 2, seed=s)} for s in range(8)]
+    post_until(url, bodies[0], timeout_s=180)  # the job serves the students once each has one
+    load = {}
+    loader = threading.Thread(target=lambda: load.update(got=asyncio.run(concurrent(url, bodies, 2, 2, 15.0))))
     alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
     trainers = {a.node_id for a in alive if a.class_name == "RayTrainWorker"
                 and any(k.startswith("student_pool") for k in a.required_resources or {})}  # fmt: skip
@@ -156,16 +172,71 @@ def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(c
     where = {a.class_name: a.node_id for a in alive if a.class_name in ("JobSupervisor", "TenantManager", "FMGroup")}
     assert set(where.values()) == {c.head_node.node_id}, where
     trained = {n: len(registry.history(n)) for n in ("feed", "stories")}
+    assert min(trained.values()) < windows, "trained every window before the kill: the test would prove nothing"
+    loader.start()
+    time.sleep(3)
     killed_at = time.monotonic()
     c.remove_node(victims[0], allow_graceful=False)
     while not all(len(registry.history(n)) > trained[n] for n in trained):  # training goes on without it
         assert time.monotonic() < killed_at + 300, client.get_job_logs(job)[-3000:]
         time.sleep(0.5)
     resumed = time.monotonic() - killed_at
-    print(f"node killed with {trained} windows trained; every tenant trained its next one {resumed:.1f} s later")
+    loader.join()
+    got = load["got"]
+    print(f"node killed with {trained} windows trained; every tenant trained its next one {resumed:.1f} s later; "
+          f"Serve during the kill: {got.ok} of {got.total} requests answered 200")  # fmt: skip
+    assert got.total > 100 and got.success_rate >= 0.99, (dict(got.statuses), dict(got.failures))
     _served(_wait(client, job), windows - 1)
     records = AugmentedStore(storage).records()
     assert sorted(records) == list(range(windows))
     assert all(r.output_rows == r.input_rows for r in records.values())
     for tenant in ("feed", "stories"):
         assert [r["window"] for r in registry.history(tenant)] == list(range(windows)), tenant
+
+
+def test_the_fm_node_killed_the_group_rebuilds_when_a_node_joins_and_the_das_waits(cluster, tmp_path):
+    """The node holding the FM group's ranks is killed without drain; the DAS, started right after,
+    finds the FM gone and waits (max_wait_s); a new FM node joins and the group rebuilds its gang
+    there; the window commits whole with every row labeled. (A resource of its own, `fm_node`, keeps
+    this test's FM apart from the module's `fm_shard` node.)"""
+    import numpy as np
+    import torch
+
+    from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+    from exfm_ray.fm.model import FMConfig, build_fm
+    from exfm_ray.fm.registry import FMRegistry, publish_model
+
+    c = cluster[0]
+    stream = SyntheticStream(SyntheticConfig(num_windows=2, rows_per_window=3000, num_tenants=2)).stream()
+    stream.write(tmp_path / "stream", row_group_rows=500)
+    torch.manual_seed(0)
+    fm = build_fm(stream.spec, FMConfig(size=1)).eval()
+    watermark = stream.spec.window_starts[1] - 1
+    publish_model(FMRegistry(tmp_path), fm, stream.spec, FMConfig(size=1), watermark=watermark, through_window=0)
+
+    def fm_node():
+        node = c.add_node(num_cpus=2, resources={"fm_node": 2}, dashboard_agent_listen_port=free_port())
+        c.wait_for_nodes()
+        return node
+
+    first = fm_node()
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "fm_node_driver.py"), str(tmp_path), c.address, "300"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    ready = driver.stdout.readline()
+    assert ready.startswith("READY"), ready
+    assert json.loads(ready.split(" ", 1)[1]) == [first.node_id] * 2  # both ranks on the FM node
+    c.remove_node(first, allow_graceful=False)
+    (tmp_path / "GO").write_text("")
+    time.sleep(5)  # the DAS starts meanwhile, finds the gang dead and waits
+    second = fm_node()
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT")).split(" ", 1)[1])
+    rec = result["record"]
+    assert result["status"] == "committed" and rec["output_rows"] == rec["input_rows"] == stream.windows[1].num_rows
+    assert rec["masked_rows"] == rec["unlabeled_rows"] == 0  # waited for the FM, labeled every row
+    assert rec["fm_calls"] == len(np.unique(stream.windows[1].column("example_id").to_numpy()))
+    assert result["rebuilds"] >= 1 and result["gang"] == "ready"
+    assert result["rank_nodes"] == [second.node_id] * 2  # rebuilt on the node that joined
