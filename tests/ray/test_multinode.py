@@ -101,24 +101,28 @@ def _served(logs: str, last: int) -> None:
         assert f"| {tenant} | g1-w{last:04d} |" in serving, logs[-3000:]
 
 
-def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_type(cluster, tmp_path):
-    from ray.util.state import list_actors, list_nodes
+def _node_types(address: str) -> dict[str, str]:
+    """Node id -> its node type (the custom resource it declares), from that cluster's state API."""
+    from ray.util.state import list_nodes
 
-    _, dashboard, serve_port = cluster
-    client, job = _submit(dashboard, _config(3, serve_port), tmp_path)
-    _served(_wait(client, job), 2)
-
-    address = dashboard  # the state API of that cluster (an http address is its dashboard, not a GCS)
-    node_type = {}
+    types = {}
     for node in list_nodes(address=address, detail=True):
         kinds = [r for r in NODE_TYPES if r in node.resources_total]
-        node_type[node.node_id] = kinds[0] if kinds else "head"
+        types[node.node_id] = kinds[0] if kinds else "head"
+    return types
+
+
+def _assert_each_part_on_its_node_type(address: str, node_type: dict[str, str]) -> None:
+    """Every actor that asked for a node type's resource ran on a node of that type (the killed one
+    included: `node_type` was read while it lived)."""
+    from ray.util.state import list_actors
+
     placed = {}  # (class, resource it asked for) -> node types it ran on
     for actor in list_actors(address=address, detail=True, limit=10_000):
         # In a placement group the resource is renamed <name>_group_<pg id>: match the prefix.
         asked = [r for r in NODE_TYPES if any(k.startswith(r) for k in actor.required_resources or {})]
         for resource in asked:
-            placed.setdefault((actor.class_name, resource), set()).add(node_type[actor.node_id])
+            placed.setdefault((actor.class_name, resource), set()).add(node_type.get(actor.node_id, "unknown"))
     for (cls, resource), types in placed.items():
         assert types == {resource}, f"{cls} asked for {resource} and ran on {types}"
     classes = {resource: {cls for cls, r in placed if r == resource} for resource in NODE_TYPES}
@@ -128,13 +132,15 @@ def test_the_pipeline_submitted_through_the_jobs_api_puts_each_part_on_its_node_
     assert any(cls.startswith("ServeReplica") for cls in classes["serve_pool"]), placed
 
 
-def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(cluster, tmp_path):
-    """A second student_pool node joins; once the tenant runs are training and Serve answers, the
-    node holding a tenant's Ray Train worker is killed (no graceful drain) while a client keeps
-    asking Serve. Ray Train restarts the run's workers on the node left, the tenants resume from
+def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worker_node_kill(cluster, tmp_path):
+    """The whole loop submitted through the Jobs API (as `ray job submit` does), each part pinned to
+    its node type. A second student_pool node joins; once the tenant runs are training and Serve
+    answers, the node holding a tenant's Ray Train worker is killed (no graceful drain) while a
+    client keeps asking Serve. Ray Train restarts the run's workers on the node left, the tenants resume from
     their state files, the DAS's workers are rebuilt, Serve answers >= 99% of the requests sent
     during the kill, and the job ends with every window committed whole and trained once by every
-    tenant."""
+    tenant. Then every actor that asked for a node type's resource is found to have run on a node
+    of that type (the state API), the killed node included."""
     import asyncio
     import threading
 
@@ -171,6 +177,7 @@ def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(c
     # The supervisors run beside the job's driver, on the head: not lost with a worker node (they were).
     where = {a.class_name: a.node_id for a in alive if a.class_name in ("JobSupervisor", "TenantManager", "FMGroup")}
     assert set(where.values()) == {c.head_node.node_id}, where
+    node_type = _node_types(dashboard)  # read while the node to be killed lives
     trained = {n: len(registry.history(n)) for n in ("feed", "stories")}
     assert min(trained.values()) < windows, "trained every window before the kill: the test would prove nothing"
     loader.start()
@@ -192,6 +199,7 @@ def test_a_worker_node_killed_mid_run_loses_no_row_and_trains_each_window_once(c
     assert all(r.output_rows == r.input_rows for r in records.values())
     for tenant in ("feed", "stories"):
         assert [r["window"] for r in registry.history(tenant)] == list(range(windows)), tenant
+    _assert_each_part_on_its_node_type(dashboard, node_type)
 
 
 def test_the_fm_node_killed_the_group_rebuilds_when_a_node_joins_and_the_das_waits(cluster, tmp_path):
