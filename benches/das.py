@@ -3,7 +3,7 @@
 (a) in-process: the same FM version, unsharded, in this process with every core, labeling the
     window's unique examples in the DAS's batch size (just the forward: the ceiling).
 (b) DAS: the whole pipeline for the same window through Ray Data and the FM group (read, dedup,
-    the labeler pool, Parquet write and commit), FM start-up excluded.
+    the DAS workers' reads, FM calls and Parquet writes, and the commit), FM start-up excluded.
 Both rates count unique examples labeled per second; the ratio is b / a. The arms alternate, each
 keeps its best round (the machine may be shared).
 
@@ -39,8 +39,8 @@ class DasBenchConfig(Config):
     fm_size: int = Field(5, ge=1, description="FM size dial (the FM is the expensive part of the DAS).")
     batch_size: int = Field(8192, gt=0, description="Examples per FM call, in both arms.")
     shards: int = Field(2, ge=1, description="FM ranks in the group.")
-    labelers: int = Field(1, ge=1, description="FMLabeler actors.")
-    in_flight: int = Field(4, ge=1, description="FM calls in flight per labeler.")
+    labelers: int = Field(1, ge=1, description="DAS workers (AugmentConfig.workers).")
+    in_flight: int = Field(4, ge=1, description="FM calls in flight per DAS worker.")
     repeats: int = Field(3, ge=1, description="Timed rounds per arm, alternating (best is kept).")
     overhead_rows: int = Field(1000, ge=100, description="Examples in the tiny window that measures fixed cost.")
 

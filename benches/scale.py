@@ -26,6 +26,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from exfm_ray.bench import figures
+from exfm_ray.bench.proc_tree import peak_rss_mb, rss_mb
 from exfm_ray.configbase import Config
 
 GROUP = "exfm-bench-scale"
@@ -151,7 +153,7 @@ def _driver(cfg: ScaleBenchConfig, root: Path) -> dict:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, text=True)
         peak = 0.0
         while proc.poll() is None:  # VmHWM only grows: its last reading is the peak
-            peak = max(peak, _vm_hwm_mb(proc.pid))
+            peak = max(peak, peak_rss_mb(proc.pid))
             time.sleep(0.1)
         if proc.returncode != 0:
             err.seek(0)
@@ -187,17 +189,8 @@ def _train_window(root: str) -> dict:
     return {
         "trainer_wall_s": round(time.perf_counter() - start, 2),
         "trainer_rows": record["rows"],
-        "trainer_peak_rss_mb": _vm_hwm_mb(os.getpid()),
+        "trainer_peak_rss_mb": peak_rss_mb(os.getpid()),
     }
-
-
-def _vm_hwm_mb(pid: int) -> float:
-    """Peak RSS of a live process since its exec (0 once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
 
 
 class _RolePeaks:
@@ -224,14 +217,11 @@ class _RolePeaks:
                     continue
                 try:
                     title = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace")
-                    role = next((r for r, mark in ROLES.items() if mark in title), None)
-                    if role is None:
-                        continue
-                    status = Path(f"/proc/{entry.name}/status").read_text()
                 except OSError:  # the process ended meanwhile
                     continue
-                rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-                self.peak_mb[role] = max(self.peak_mb[role], rss_kb / 1024)
+                role = next((r for r, mark in ROLES.items() if mark in title), None)
+                if role is not None:
+                    self.peak_mb[role] = max(self.peak_mb[role], rss_mb(int(entry.name)))
 
 
 def _das_ratio(cfg: ScaleBenchConfig, log) -> dict:
@@ -244,13 +234,8 @@ def _das_ratio(cfg: ScaleBenchConfig, log) -> dict:
 
 
 def plot(r: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
     x = r["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figures.pyplot().subplots(1, 2, figsize=(11, 4))
     lines = {"driver_peak_rss_mb": "DAS driver", "fm_rank_peak_rss_mb": "FM rank",
              "das_worker_peak_rss_mb": "DAS worker", "trainer_peak_rss_mb": "trainer (1 tenant)"}  # fmt: skip
     for key, label in lines.items():
@@ -264,11 +249,7 @@ def plot(r: dict, path: Path) -> Path:
         axes[1].plot(x, r["trainer_wall_s"], "s--", label="trainer (1 tenant)")
     axes[1].set(xscale="log", yscale="log", xlabel="window (examples)", ylabel="wall time per window (s)")
     axes[1].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def summary(r: dict) -> str:

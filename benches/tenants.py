@@ -32,6 +32,7 @@ from pydantic import Field, PositiveInt
 
 from actors.launch import start_tenant_manager
 from actors.tenant_manager import TenantManagerConfig
+from exfm_ray.bench import figures
 from exfm_ray.bench.proc_tree import MB, idle_cost, sample_tree
 from exfm_ray.configbase import Config
 from exfm_ray.das.local import augment_stream_locally
@@ -265,13 +266,8 @@ def _line(i: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
     curve, x = r["curve"], [c["tenants"] for c in r["curve"]]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = figures.pyplot().subplots(1, 3, figsize=(14, 4))
     axes[0].plot(x, [c["idle_pss_mb_per_tenant"] for c in curve], "o-", label="PSS")
     axes[0].plot(x, [c["idle_rss_mb_per_tenant"] for c in curve], "s--", label="RSS")
     axes[1].plot(x, [100 * c["idle_cpu_share_per_tenant"] for c in curve], "o-")
@@ -288,11 +284,7 @@ def plot(r: dict, path: Path) -> Path:
         ax.legend()
     fig.suptitle(f"exfm bench tenants: max_concurrent {r['max_concurrent']}, "
                  f"tenants_per_run {r['tenants_per_run'] or 'default'}")  # fmt: skip
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def summary(r: dict) -> str:

@@ -66,6 +66,17 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, rss
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of one live process now (0 once it is gone)."""
+    return _fields(f"/proc/{pid}/status", ("VmRSS:",)).get("VmRSS:", 0) / MB
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of one live process since its exec (VmHWM; 0 once it is gone). Not
+    ru_maxrss: a child forked from a big parent inherits the parent's high-water mark."""
+    return _fields(f"/proc/{pid}/status", ("VmHWM:",)).get("VmHWM:", 0) / MB
+
+
 def _fields(path: str, keys: tuple[str, ...]) -> dict[str, int]:
     try:
         text = Path(path).read_text()

@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 
+import pyarrow as pa
 from pydantic import Field
 
 from exfm_ray.configbase import Config
@@ -183,10 +184,8 @@ class Augmenter:
             "labels": cfg.labels.model_dump(mode="json") if cfg.labels else None,
         }
         per_worker = cfg.units_per_worker
-        # from_blocks: one block per unit with its metadata computed here (from_items/from_arrow run
-        # tasks in a cold worker first: seconds per window, measured).
-        import pyarrow as pa
-
+        # from_blocks: one block per unit with its metadata computed here (from_arrow runs a metadata
+        # task per block in a worker that may be cold: seconds per window, measured in an earlier stop).
         ds = ray.data.from_blocks([pa.Table.from_pylist([unit]) for unit in units]).map_batches(
             DASWorker,
             fn_constructor_args=(settings, self.spec.to_json(), emb_dim, str(staging), str(self.store.root)),

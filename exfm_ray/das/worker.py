@@ -110,10 +110,7 @@ class DASWorker:
         if self.labels_cfg is not None:
             ids = table.column("example_id").combine_chunks()
             events = read_events(self.labels_cfg, unit["begin"], unit["end"], example_ids=ids)
-        folder = self.staging / f"window={unit['window']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / part_name(unit["index"])
-        tmp = folder / f".{final.name}.{os.getpid()}.{threading.get_ident()}"
+        tmp, final = _part_paths(self.staging / f"window={unit['window']}", unit["index"])
         writer, buffer = None, []
         for rows in parts:
             _count(rows, counts, versions)
@@ -139,13 +136,18 @@ class DASWorker:
             _count(rows, counts, versions)
             kept.append(rows.filter(pa.array(first_occurrence(rows.column("example_id").to_numpy()))))
         mark = time.perf_counter()
-        folder = staged_labels_dir(self.store_root, unit["window"])
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / part_name(unit["index"])
-        tmp = folder / f".{final.name}.{os.getpid()}.{threading.get_ident()}"
+        tmp, final = _part_paths(staged_labels_dir(self.store_root, unit["window"]), unit["index"])
         pq.write_table(pa.concat_tables(kept).select(label_columns(self.spec.tenant_names)), tmp)
         os.replace(tmp, final)
         clock["write_s"] += time.perf_counter() - mark
+
+
+def _part_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    """(hidden name to write, final name): readers skip the hidden one until the rename, and a unit
+    run again writes under its own hidden name and replaces the same final part."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / part_name(index)
+    return folder / f".{final.name}.{os.getpid()}.{threading.get_ident()}", final
 
 
 def _count(rows: pa.Table, counts: dict, versions: set) -> None:

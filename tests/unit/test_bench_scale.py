@@ -2,13 +2,14 @@
 
 import os
 
-from benches.scale import _vm_hwm_mb, plot, summary
+from benches.scale import plot, summary
+from exfm_ray.bench.proc_tree import peak_rss_mb
 
 
 def test_peak_rss_is_read_for_a_live_process_and_zero_for_a_gone_one():
-    mine = _vm_hwm_mb(os.getpid())
+    mine = peak_rss_mb(os.getpid())
     assert 10 < mine < 100_000
-    assert _vm_hwm_mb(2**22 + 12345) == 0.0
+    assert peak_rss_mb(2**22 + 12345) == 0.0
 
 
 def test_the_report_names_each_size_and_the_growth(tmp_path):
