@@ -18,10 +18,10 @@ from pydantic import Field
 from exfm_ray.bench.http_load import Latency, concurrent, post_until, sequential
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
-from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import example_rows, publish_synthetic_students, publish_tenant_copies
 from exfm_ray.serving.deploy import deploy, free_port, undeploy
+from exfm_ray.serving.schema import PREDICT_PATH
 from exfm_ray.students.store import StudentStore
 
 

@@ -6,7 +6,7 @@ import json
 import shlex
 
 from exfm_ray.errors import ConfigError
-from exfm_ray.serving.api import PREDICT_PATH
+from exfm_ray.serving.schema import PREDICT_PATH
 
 
 def parse_windows(text: str) -> list[int]:

@@ -9,22 +9,12 @@ a learned query), projects each key's vector to the student's embedding size, an
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from exfm_ray.configbase import Config
-from exfm_ray.loopfm.store import StoreConfig, StoreView
-
-Pooling = Literal["mean", "last", "sum", "attention"]
-
-
-class LoopFMConfig(Config):
-    store: StoreConfig = Field(default_factory=StoreConfig, description="Which entities, how much history, how big.")
-    pooling: Pooling = Field("mean", description="How a key's K embeddings become one vector.")
+from exfm_ray.loopfm.config import Pooling
+from exfm_ray.loopfm.store import StoreView
 
 
 class LoopTower(nn.Module):

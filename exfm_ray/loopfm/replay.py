@@ -8,7 +8,8 @@ import tempfile
 import torch
 
 from exfm_ray.data.batching import WindowTensors
-from exfm_ray.loopfm.features import LoopFMConfig, history_columns
+from exfm_ray.loopfm.config import LoopFMConfig
+from exfm_ray.loopfm.features import history_columns
 from exfm_ray.loopfm.store import RepresentationStore
 
 

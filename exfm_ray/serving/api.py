@@ -15,11 +15,15 @@ from fastapi.responses import JSONResponse, Response
 
 from exfm_ray.errors import TenantNotFound
 from exfm_ray.serving.rows import RowError
-from exfm_ray.serving.schema import HealthResponse, PredictRequest, PredictResponse, TenantsResponse
-
-PREDICT_PATH = "/v1/tenants/{tenant}/predict"
-TENANTS_PATH = "/v1/tenants"
-HEALTH_PATH = "/v1/health"
+from exfm_ray.serving.schema import (
+    HEALTH_PATH,
+    PREDICT_PATH,
+    TENANTS_PATH,
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    TenantsResponse,
+)
 
 _ERRORS = {
     404: {"description": "The tenant has no published checkpoint."},

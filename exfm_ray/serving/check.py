@@ -12,8 +12,8 @@ from exfm_ray.bench.http_load import post_until, sequential
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.schema import StreamSpec
-from exfm_ray.serving.api import PREDICT_PATH
 from exfm_ray.serving.config import ServeConfig
+from exfm_ray.serving.schema import PREDICT_PATH
 from exfm_ray.students.checkpoint import load_serving
 from exfm_ray.students.store import StudentStore
 from exfm_ray.tenants.config import resolve

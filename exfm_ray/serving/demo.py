@@ -15,9 +15,9 @@ import torch
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.schema import StreamSpec
-from exfm_ray.students.checkpoint import StudentMeta, student_meta
 from exfm_ray.students.config import StudentConfig, variant
 from exfm_ray.students.learner import StudentLearner
+from exfm_ray.students.meta import StudentMeta, student_meta
 from exfm_ray.students.model import Student, build_student
 from exfm_ray.students.store import Published, StudentStore
 

@@ -17,7 +17,7 @@ from torchrec import KeyedJaggedTensor
 
 from exfm_ray.errors import DataError
 from exfm_ray.serving.schema import PredictRow
-from exfm_ray.students.checkpoint import StudentMeta
+from exfm_ray.students.meta import StudentMeta
 
 MAX_REPORTED_ISSUES = 10
 

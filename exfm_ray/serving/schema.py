@@ -12,6 +12,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+# The routes, here beside the bodies: a client (the CLI's curl line, the benches) needs them without
+# the server's imports (torch).
+PREDICT_PATH = "/v1/tenants/{tenant}/predict"
+TENANTS_PATH = "/v1/tenants"
+HEALTH_PATH = "/v1/health"
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 

@@ -10,7 +10,8 @@ import torch
 from exfm_ray.errors import TenantNotFound
 from exfm_ray.serving.rows import EncodedRows, RowSpec, to_batch
 from exfm_ray.serving.schema import TenantInfo, TenantsResponse
-from exfm_ray.students.checkpoint import StudentMeta, load_serving, read_meta
+from exfm_ray.students.checkpoint import load_serving
+from exfm_ray.students.meta import StudentMeta, read_meta
 from exfm_ray.students.model import ServingStudent
 from exfm_ray.students.store import Published, StudentStore, valid_name
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from exfm_ray.configbase import Config
-from exfm_ray.loopfm.features import LoopFMConfig
+from exfm_ray.loopfm.config import LoopFMConfig
 
 # Each named variant is a switch setting of DistillConfig; knobs (w, beta, alpha, ...) come on top.
 BASE_VARIANTS: dict[str, dict] = {

@@ -16,11 +16,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exfm_ray.errors import ConfigError, ExfmError
 from exfm_ray.files import atomic_write
-from exfm_ray.students.checkpoint import StudentMeta, load_serving, read_meta, save_student
-from exfm_ray.students.model import ServingStudent, Student
+from exfm_ray.students.meta import StudentMeta, read_meta
+
+if TYPE_CHECKING:  # the weights' side (torch): imported by the methods that touch weights
+    from exfm_ray.students.model import ServingStudent, Student
 
 LATEST = "LATEST.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -41,6 +44,8 @@ class StudentStore:
     def publish(self, student: Student | ServingStudent, meta: StudentMeta) -> Published:
         _check_name(meta.tenant, "tenant")
         _check_name(meta.version, "version")
+        from exfm_ray.students.checkpoint import save_student
+
         path = save_student(student, meta, self.root / meta.tenant / "versions" / meta.version)
         published = Published(meta.tenant, meta.version, path, time.time())
         atomic_write(
@@ -75,6 +80,8 @@ class StudentStore:
         pub = self.latest(tenant)
         if pub is None:
             raise ExfmError(f"tenant {tenant!r} has no published checkpoint under {self.root}")
+        from exfm_ray.students.checkpoint import load_serving
+
         return load_serving(pub.path)
 
     def latest_meta(self, tenant: str) -> StudentMeta | None:

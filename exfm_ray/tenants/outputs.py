@@ -114,7 +114,7 @@ class TenantFiles:
         atomic_write(self.registry.metrics_path(self.name), json.dumps(json_safe(run.history), indent=1))
 
     def _publish(self, run) -> str | None:
-        from exfm_ray.students.checkpoint import student_meta
+        from exfm_ray.students.meta import student_meta
         from exfm_ray.students.store import StudentStore
 
         store = StudentStore(self.storage)

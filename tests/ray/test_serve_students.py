@@ -14,8 +14,8 @@ from exfm_ray.bench.http_load import concurrent
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import publish_synthetic_students, synthetic_spec_and_stream, train_student
 from exfm_ray.serving.deploy import free_port
-from exfm_ray.students.checkpoint import student_meta
 from exfm_ray.students.config import StudentConfig
+from exfm_ray.students.meta import student_meta
 from exfm_ray.students.store import StudentStore
 from tests.serving_helpers import expected_probabilities, published_model, rows_for
 

@@ -164,3 +164,17 @@ def test_rays_expected_notices_stay_out_of_the_console_and_the_rest_shows(capfd)
                                "is_err": True}, ignore_prefix=False)  # fmt: skip
     err = capfd.readouterr().err
     assert "a raylet error a user must see" in err and "PYTHON worker processes" not in err
+
+
+def test_the_cli_and_the_tenant_manager_import_without_torch():
+    """`exfm --help`, `exfm tenants ...`, `exfm fm status/stop` and the tenant manager actor read
+    configs and metadata only: importing torch/torchrec made each such process ~10 s slower here."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jobs.cli, jobs.tenants_cmd, jobs.fm_cmd, actors.launch, actors.tenant_manager, "
+        "exfm_ray.students.store, exfm_ray.tenants.status; print(sorted({'torch', 'torchrec'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,7 +9,7 @@ from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.errors import ConfigError
 from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.runner import run_experiment
-from exfm_ray.loopfm.features import LoopFMConfig
+from exfm_ray.loopfm.config import LoopFMConfig
 from exfm_ray.loopfm.replay import attach_histories
 
 pytestmark = pytest.mark.unit

@@ -89,7 +89,8 @@ def test_student_is_smaller_than_the_fm(stream):
 
 
 def test_student_checkpoint_round_trip_gives_the_same_probabilities(stream, tmp_path):
-    from exfm_ray.students.checkpoint import load_serving, read_meta, save_student, student_meta
+    from exfm_ray.students.checkpoint import load_serving, save_student
+    from exfm_ray.students.meta import read_meta, student_meta
 
     spec = stream.spec
     cfg = StudentConfig()
@@ -109,7 +110,7 @@ def test_student_checkpoint_round_trip_gives_the_same_probabilities(stream, tmp_
 
 def test_student_store_publishes_atomically_and_serves_the_latest(stream, tmp_path):
     from exfm_ray.errors import ConfigError
-    from exfm_ray.students.checkpoint import student_meta
+    from exfm_ray.students.meta import student_meta
     from exfm_ray.students.store import StudentStore
 
     spec, cfg = stream.spec, StudentConfig()

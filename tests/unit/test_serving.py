@@ -17,8 +17,8 @@ from exfm_ray.serving.demo import publish_synthetic_students
 from exfm_ray.serving.direct import build_direct_api
 from exfm_ray.serving.rows import RowError, RowSpec, encode_rows, to_batch
 from exfm_ray.serving.schema import PredictRequest
-from exfm_ray.students.checkpoint import FeatureInfo, StudentMeta
 from exfm_ray.students.config import StudentConfig
+from exfm_ray.students.meta import FeatureInfo, StudentMeta
 from exfm_ray.students.store import StudentStore
 from tests.serving_helpers import expected_probabilities, published_model, rows_for
 
