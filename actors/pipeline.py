@@ -72,6 +72,8 @@ class PipelineSupervisor:
                 self._augment(augmenter, t)
                 self._serve_when_ready()
             status = ray.get(students)
+            for name, r in sorted(status["runs"].items()):
+                self.log(f"tenant {name}: {r['status']}, {r.get('starts', 0)} run start(s)")
             failed = {n: r.get("error") for n, r in status["runs"].items() if r["status"] == "failed"}
             if failed:
                 raise PipelineFailure(f"tenant runs failed: {failed}")

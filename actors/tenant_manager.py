@@ -85,7 +85,16 @@ class TenantManager:
         try:
             # Data-parallel tenants first: each needs a run of its own, the small ones can share.
             for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1 and not e.config.own_run):
-                self._place(entry)
+                if self.plan.covers(self._next_window(entry.config.name)):
+                    self._place(entry)
+                else:  # trained through the plan already (a rerun): a run would start workers for nothing
+                    self.runs[entry.config.name] = {
+                        "status": "finished",
+                        "run": entry.run_name,
+                        "starts": 0,
+                        "generation": entry.generation,
+                        "ended_at": time.time(),
+                    }
             while not self._stopping:
                 self._place_behind()
                 if follow:

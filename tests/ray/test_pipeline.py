@@ -100,6 +100,10 @@ def test_a_rerun_continues_and_redoes_nothing(first_run):
     lines = []
     again = run_pipeline(cfg, log=lines.append)
     assert sum("already augmented" in line for line in lines) == WINDOWS
+    # every tenant is through the last window: no run (Ray Train workers) is started for nothing
+    assert sorted(line for line in lines if line.startswith("tenant ")) == [
+        f"tenant {n}: finished, 0 run start(s)" for n in sorted(before)
+    ]
     assert len(FMRegistry(cfg.storage).versions()) == versions
     assert {n: len(h) for n, h in again["windows"].items()} == before
     assert again["all_tenants"]["ne_mean"] == pytest.approx(report["all_tenants"]["ne_mean"])
