@@ -26,6 +26,8 @@ def save_student(student: Student | ServingStudent, meta: StudentMeta, path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     serving = student.serving_model() if isinstance(student, Student) else student
+    if serving.loop is not None:  # the tower's input size: what serving needs to rebuild it
+        meta = meta.model_copy(update={"fm_dim": serving.loop.proj[0].in_features})
     torch.save(serving.state_dict(), tmp / SERVING_FILE)
     (tmp / META_FILE).write_text(meta.model_dump_json(indent=2))
     if path.exists():
@@ -39,7 +41,7 @@ def load_serving(path: str | Path) -> tuple[ServingStudent, StudentMeta]:
     meta = read_meta(path)
     cards = {f.name: f.cardinality for f in meta.features}
     multi = {f.name for f in meta.features if f.multi_valued}
-    parts = serving_parts([f.name for f in meta.features], cards, multi, len(meta.dense), meta.student)
+    parts = serving_parts([f.name for f in meta.features], cards, multi, len(meta.dense), meta.student, meta.fm_dim)
     model = ServingStudent(*parts)
     model.load_state_dict(torch.load(Path(path) / SERVING_FILE, weights_only=True))
     model.eval()

@@ -37,6 +37,9 @@ class StudentMeta(Config):
         "exfm", description="Which model the guard published: exfm (the ExFM student), control or base_rate."
     )
     guard_reason: str = Field("", description="Why the guard chose it (trailing NE of each candidate).")
+    fm_dim: int = Field(
+        0, ge=0, description="FM embedding size of the LoopFM histories the student reads (0: it reads none)."
+    )
 
     def schema_hash(self) -> str:
         """Identifies the input schema: a server can refuse a checkpoint whose inputs changed."""

@@ -108,6 +108,31 @@ def test_student_checkpoint_round_trip_gives_the_same_probabilities(stream, tmp_
     assert torch.allclose(served(b.sparse, b.dense), torch.sigmoid(student(b.sparse, b.dense).s))
 
 
+def test_a_loopfm_student_checkpoint_loads_back_with_its_tower(stream, tmp_path):
+    """The checkpoint records the histories' size (meta.fm_dim), so serving rebuilds the LoopFM
+    tower: same probabilities with histories, and with none (every entity unseen)."""
+    from exfm_ray.students.checkpoint import load_serving, save_student
+    from exfm_ray.students.meta import student_meta
+
+    spec, cfg, fm_dim = stream.spec, StudentConfig(), 6
+    torch.manual_seed(0)
+    student = build_student(spec, "feed", cfg, variant("loopfm"), fm_dim=fm_dim)
+    with torch.no_grad():  # the tower starts at zero: give it weights that show in the output
+        for p in student.loop.parameters():
+            p.normal_()
+    path = save_student(student, student_meta(spec, "feed", cfg, version="v1", window=2), tmp_path / "v1")
+    served, meta = load_serving(path)
+    assert meta.fm_dim == fm_dim and served.loop is not None
+    t = spec.tenant("feed")
+    b = WindowTensors(stream.tenant_rows(2, "feed"), spec).batch(0, 32, t.features, t.dense)
+    keys = len(cfg.loopfm.store.keys)
+    history = (torch.randn(32, keys, 3, fm_dim), torch.randint(0, 4, (32, keys)))
+    student.eval()
+    for h in (history, None):
+        assert torch.allclose(served(b.sparse, b.dense, h), torch.sigmoid(student(b.sparse, b.dense, h).s))
+    assert not torch.allclose(served(b.sparse, b.dense, history), served(b.sparse, b.dense))
+
+
 def test_student_store_publishes_atomically_and_serves_the_latest(stream, tmp_path):
     from exfm_ray.errors import ConfigError
     from exfm_ray.students.meta import student_meta
