@@ -208,3 +208,37 @@ def test_a_declared_spec_is_readable_before_any_window_and_commits_keep_it(augme
     shutil.copytree(source.window_dir(0), staged)
     store.commit(0, staged, source.records()[0], source.spec())
     assert store.committed() == [0] and store.read_window(0).num_rows == source.read_window(0).num_rows
+
+
+def test_a_rerun_starts_runs_only_for_tenants_not_done_with_the_plan(tmp_path, monkeypatch):
+    """The manager's plan covers windows 0..3. `done` ended this generation's run after window 3:
+    no run for it. `crashed` stopped after window 3's metrics, before its run ended (the publish may
+    be missing): a run, whose restore republishes. `readded` was done in generation 1, then removed
+    and added again: generation 2 trains afresh. (Runs are the seam here: `fit_tenant` is recorded.)"""
+    import asyncio
+    import json
+
+    import actors.tenant_manager as tm
+    from exfm_ray.tenants.config import TenantConfig
+    from exfm_ray.tenants.registry import TenantRegistry
+
+    hosted = []
+    monkeypatch.setattr(tm, "fit_tenant", lambda cfg: hosted.append(cfg.key) or {"tenants": {}})
+    reg = TenantRegistry(tmp_path)
+
+    def progress(name, run, phase):  # each has metrics through window 3 (they outlive a generation)
+        reg.progress_path(name).parent.mkdir(parents=True, exist_ok=True)
+        reg.progress_path(name).write_text(json.dumps({"run": run, "phase": phase, "window": 3}))
+        reg.metrics_path(name).write_text(json.dumps([{"window": t} for t in range(4)]))
+
+    progress("done", reg.add(TenantConfig(name="done")).run_name, "done")
+    progress("crashed", reg.add(TenantConfig(name="crashed")).run_name, "train")
+    progress("readded", reg.add(TenantConfig(name="readded")).run_name, "done")
+    reg.remove("readded")
+    assert reg.add(TenantConfig(name="readded")).generation == 2
+
+    manager = tm.TenantManager(tm.TenantManagerConfig(storage=str(tmp_path), max_concurrent=2, poll_s=0.01))
+    runs = asyncio.run(manager.train(0, 3))["runs"]
+    assert {n: r["starts"] for n, r in runs.items()} == {"done": 0, "crashed": 1, "readded": 1}
+    assert len(hosted) == 2  # a run each (room for 2); none for `done`
+    assert all(r["status"] == "finished" for r in runs.values())
