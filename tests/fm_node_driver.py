@@ -34,8 +34,11 @@ def main(storage: Path, address: str, max_wait_s: float) -> None:
     print("READY", json.dumps(_rank_nodes()), flush=True)
     while not (storage / "GO").exists():
         time.sleep(0.2)
+    # The DAS workers on the worker nodes, as `das_resources` puts them on a cluster: unpinned, one could
+    # take a CPU of the FM node that joins (it did, once: the group's two bundles then never fit there).
     das = AugmentConfig(storage=str(storage), stream=str(storage / "stream"), group_name=GROUP, batch_size=500,
-                        unit_rows=1000, workers=2, max_wait_s=max_wait_s)  # fmt: skip
+                        unit_rows=1000, workers=2, worker_resources={"student_pool": 0.1},
+                        max_wait_s=max_wait_s)  # fmt: skip
     [result] = augment_windows(das, [1])
     status = ray.get(group.status.remote())
     out = {"status": result["status"], "record": result["record"].model_dump(mode="json"),
