@@ -26,8 +26,8 @@ def save_student(student: Student | ServingStudent, meta: StudentMeta, path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     serving = student.serving_model() if isinstance(student, Student) else student
-    if serving.loop is not None:  # the tower's input size: what serving needs to rebuild it
-        meta = meta.model_copy(update={"fm_dim": serving.loop.proj[0].in_features})
+    # The tower's input size, from the model written: what serving needs to rebuild it.
+    meta = meta.model_copy(update={"fm_dim": serving.loop.proj[0].in_features if serving.loop is not None else 0})
     torch.save(serving.state_dict(), tmp / SERVING_FILE)
     (tmp / META_FILE).write_text(meta.model_dump_json(indent=2))
     if path.exists():
