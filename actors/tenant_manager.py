@@ -85,16 +85,7 @@ class TenantManager:
         try:
             # Data-parallel tenants first: each needs a run of its own, the small ones can share.
             for entry in sorted(self.registry.active(), key=lambda e: e.config.workers == 1 and not e.config.own_run):
-                if not self._done_with_plan(entry):
-                    self._place(entry)
-                else:  # trained and published through the plan (a rerun): a run would start workers for nothing
-                    self.runs[entry.config.name] = {
-                        "status": "finished",
-                        "run": entry.run_name,
-                        "starts": 0,
-                        "generation": entry.generation,
-                        "ended_at": time.time(),
-                    }
+                self._place_unless_done(entry)
             while not self._stopping:
                 self._place_behind()
                 if follow:
@@ -120,8 +111,8 @@ class TenantManager:
         if replace and self._launch_of(tenant.name) is not None:
             raise ConfigError(f"tenant {tenant.name!r} is training; remove it and add it again")
         entry = self.registry.add(tenant, replace=replace)
-        if self.plan is not None and not self._done_with_plan(entry):
-            self._place(entry)
+        if self.plan is not None:
+            self._place_unless_done(entry)
         return entry.model_dump(mode="json")
 
     async def stop(self, timeout_s: float = 120.0) -> dict:
@@ -238,13 +229,18 @@ class TenantManager:
         state = self.runs.get(entry.config.name, {})
         return state.get("status") == "failed" and state.get("generation") == entry.generation
 
-    def _done_with_plan(self, entry: TenantEntry) -> bool:
-        """This generation's run ended (`done`: after its last window was published) past the plan's
-        last window. Not the metrics history: it outlives a generation, and a crash between the
-        metrics and the publish leaves a window to republish (the run's restore does it)."""
+    def _place_unless_done(self, entry: TenantEntry) -> None:
+        """Place the tenant, unless this generation's run ended (`done`: after its last window was
+        published) past the plan's last window: a run would start workers for nothing (a rerun). Not
+        the metrics history: it outlives a generation, and a crash between the metrics and the publish
+        leaves a window to republish (the run's restore does it)."""
         assert self.plan is not None
         p = self.registry.progress(entry.config.name)
-        return p.get("phase") == "done" and p.get("run") == entry.run_name and not self.plan.covers(p["window"] + 1)
+        if p.get("phase") == "done" and p.get("run") == entry.run_name and not self.plan.covers(p["window"] + 1):
+            self.runs[entry.config.name] = {"status": "finished", "run": entry.run_name, "starts": 0,
+                                            "generation": entry.generation, "ended_at": time.time()}  # fmt: skip
+        else:
+            self._place(entry)
 
     def _next_window(self, name: str) -> int:
         assert self.plan is not None

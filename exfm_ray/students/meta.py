@@ -11,23 +11,17 @@ from pydantic import Field
 
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
-from exfm_ray.schema import StreamSpec
+from exfm_ray.schema import SparseFeature, StreamSpec
 from exfm_ray.students.config import DEFAULT_VARIANT, StudentConfig
 
 META_FILE = "meta.json"
-
-
-class FeatureInfo(Config):
-    name: str = Field(description="Sparse feature name.")
-    cardinality: int = Field(gt=0, description="Ids lie in [0, cardinality).")
-    multi_valued: bool = Field(False, description="Several ids per row allowed (mean pooling).")
 
 
 class StudentMeta(Config):
     tenant: str = Field(description="Tenant the student serves.")
     version: str = Field(description="Checkpoint version, unique per tenant; increases with training.")
     window: int = Field(description="Last window trained on.")
-    features: list[FeatureInfo] = Field(description="Sparse inputs, in model order.")
+    features: list[SparseFeature] = Field(description="Sparse inputs, in model order.")
     dense: list[str] = Field(default_factory=list, description="Dense inputs, in model order.")
     student: StudentConfig = Field(description="Size dial the weights were built with.")
     fm_versions: list[str] = Field(default_factory=list, description="FM versions whose labels it learned from.")
@@ -49,7 +43,7 @@ class StudentMeta(Config):
 
 def student_meta(spec: StreamSpec, tenant: str, cfg: StudentConfig, **fields) -> StudentMeta:
     t = spec.tenant(tenant)
-    features = [FeatureInfo(**spec.feature(f).model_dump()) for f in t.features]
+    features = [spec.feature(f) for f in t.features]
     return StudentMeta(tenant=tenant, features=features, dense=list(t.dense), student=cfg, **fields)
 
 

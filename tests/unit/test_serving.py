@@ -12,13 +12,14 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from exfm_ray.errors import ConfigError
+from exfm_ray.schema import SparseFeature
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.demo import publish_synthetic_students
 from exfm_ray.serving.direct import build_direct_api
 from exfm_ray.serving.rows import RowError, RowSpec, encode_rows, to_batch
 from exfm_ray.serving.schema import PredictRequest
 from exfm_ray.students.config import StudentConfig
-from exfm_ray.students.meta import FeatureInfo, StudentMeta
+from exfm_ray.students.meta import StudentMeta
 from exfm_ray.students.store import StudentStore
 from tests.serving_helpers import expected_probabilities, published_model, rows_for
 
@@ -41,8 +42,8 @@ def spec():
         version="v1",
         window=0,
         features=[
-            FeatureInfo(name="user", cardinality=10),
-            FeatureInfo(name="tags", cardinality=5, multi_valued=True),
+            SparseFeature(name="user", cardinality=10),
+            SparseFeature(name="tags", cardinality=5, multi_valued=True),
         ],
         dense=["bid"],
         student=StudentConfig(),
