@@ -19,7 +19,7 @@ from actors.fm_group import FMGroupConfig
 from actors.launch import find_fm_group, start_fm_group, start_tenant_manager, stop_fm_group
 from actors.remote import train_fm_task
 from actors.tenant_manager import TenantManagerConfig
-from exfm_ray.das.pipeline import AugmentConfig, Augmenter
+from exfm_ray.das.pipeline import AugmentConfig, Augmenter, fm_emb_dim
 from exfm_ray.das.store import AugmentedStore
 from exfm_ray.das.window_log import summary_line
 from exfm_ray.data.sources import load_stream
@@ -27,6 +27,8 @@ from exfm_ray.data.stream import SPEC_FILE, read_spec
 from exfm_ray.errors import PipelineFailure
 from exfm_ray.fm.registry import FMRegistry, FMVersion, fm_window_for, window_labeled_by
 from exfm_ray.fm.train_job import FMTrainConfig
+from exfm_ray.loopfm.builder import fold_augmented, store_config_for, store_root
+from exfm_ray.loopfm.store import RepresentationStore
 from exfm_ray.observability import LOG
 from exfm_ray.pipeline import report as run_report
 from exfm_ray.pipeline.config import PipelineConfig
@@ -50,6 +52,7 @@ class PipelineSupervisor:
         self.serve_cfg = cfg.serve_config()
         self.timings: dict[int, dict[str, float]] = {}
         self.manager = self.fm_job = self.group = None
+        self.loop_store: RepresentationStore | None = None
         self.own_group = False
         self.serve_url: str | None = None
 
@@ -59,6 +62,7 @@ class PipelineSupervisor:
         windows = spec.num_windows
         names = self._register_tenants(spec)
         self.log(f"stream {spec.name}: {windows} windows, tenants {names}; storage {self.storage}")
+        self._open_loop_store(spec)
         try:
             self.fm_job = self._start_fm_training(windows)
             self.manager = start_tenant_manager(TenantManagerConfig(storage=str(self.storage),
@@ -70,6 +74,7 @@ class PipelineSupervisor:
                 workers=self.cfg.das_workers, worker_resources=self.cfg.das_resources))  # fmt: skip
             for t in range(windows):
                 self._augment(augmenter, t)
+                self._fold_loop_store(augmenter.store)
                 self._serve_when_ready()
             status = ray.get(students)
             for name, r in sorted(status["runs"].items()):
@@ -105,6 +110,24 @@ class PipelineSupervisor:
             if tenant.name not in {e.config.name for e in registry.active()}:
                 registry.add(tenant)
         return [e.config.name for e in registry.active()]
+
+    def _open_loop_store(self, spec) -> None:
+        """Declare the LoopFM store (config and embedding size) before any tenant starts, when a
+        tenant of the run reads one: trainers size their models from it."""
+        cfg = store_config_for([e.config for e in TenantRegistry(self.storage).active()])
+        if cfg is not None:
+            self.loop_store = RepresentationStore(store_root(self.storage), cfg, fm_emb_dim(spec, self.cfg.fm))
+
+    def _fold_loop_store(self, augmented: AugmentedStore) -> None:
+        """Fold every newly committed window into the store (a rerun catches up what a crash left)."""
+        if self.loop_store is None:
+            return
+        began = time.perf_counter()
+        for t in fold_augmented(augmented, self.loop_store):
+            self.timings.setdefault(t, {})["loopfm_fold"] = time.perf_counter() - began
+            v = self.loop_store.manifest()[str(t)]
+            self.log(f"window {t}: LoopFM store version {t}, {v.entities} entities, {v.bytes / 1e6:.2f} MB")
+            began = time.perf_counter()
 
     def _start_fm_training(self, windows: int):
         last = fm_window_for(windows - 1, self.cfg.fm_delay)  # the last window any label needs

@@ -125,7 +125,7 @@ class Augmenter:
             version = self._group_version()
             for t in pending:  # refuse before any work, naming the first offending window
                 check_no_leakage(version, t, self.spec.window_starts[t])
-            emb_dim = _emb_dim(version.spec, version.fm)
+            emb_dim = fm_emb_dim(version.spec, version.fm)
             self._phase("fm_version", mark)
             self._run(pending, emb_dim, report, "fm")
         report()
@@ -139,7 +139,7 @@ class Augmenter:
         if t in done:
             return {"window": t, "status": "already_done", "record": done[t]}
         results = []
-        self._run([t], _emb_dim(self.spec, fm), results.append, "null")
+        self._run([t], fm_emb_dim(self.spec, fm), results.append, "null")
         return results[0]
 
     def _run(self, pending: list[int], emb_dim: int, report, mode: str) -> None:
@@ -303,7 +303,7 @@ class _Window:
         return record
 
 
-def _emb_dim(spec: StreamSpec, fm: FMConfig) -> int:
+def fm_emb_dim(spec: StreamSpec, fm: FMConfig) -> int:
     from exfm_ray.fm.model import build_fm
 
     return build_fm(spec, fm, device="meta").hidden_dim

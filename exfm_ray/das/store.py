@@ -115,11 +115,15 @@ class AugmentedStore:
     def clear_staging(self) -> None:
         shutil.rmtree(self.root / "_staging", ignore_errors=True)
 
+    def window_files(self, t: int) -> list[Path]:
+        """A committed window's files, one per DAS unit, in unit order."""
+        return sorted(self.window_dir(t).glob("*.parquet"))
+
     def read_window(self, t: int, tenant: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """A committed window (optionally one tenant's rows), in stream order."""
         if t not in self.records():
             raise ExfmError(f"augmented window {t} is not committed in {self.root}")
-        files = sorted(self.window_dir(t).glob("*.parquet"))
+        files = self.window_files(t)
         table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
         table = table.sort_by([("event_time", "ascending"), ("example_id", "ascending")])
         if tenant is not None:

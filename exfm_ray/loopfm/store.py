@@ -1,6 +1,6 @@
 """LoopFM's representation store: the FM's embeddings of past events, folded per entity.
 
-    <root>/manifest.json                 {"versions": {"<t>": StoreVersion}}
+    <root>/manifest.json                 {"config": StoreConfig, "dim": D, "versions": {"<t>": StoreVersion}}
     <root>/version=<t>/<key>.parquet     entity, emb (last K, oldest first), n, last_window
 
 Version t holds every window <= t. Rows of window t read version t-1 (or older), never t: the
@@ -8,12 +8,16 @@ store is what the FM had said about an entity before the row happened, the same 
 stream's "train on t, evaluate on t+1". A version is written once: the folder is written under
 _staging and renamed, then the manifest records it (the augmented windows' protocol); folding a
 window that is already committed is refused, so a rerun never rewrites history.
+
+One writer (RepresentationStore, in the process that commits the DAS's windows) and any number
+of readers (StoreReader: tenant trainers, Serve replicas), which only open committed versions.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -120,62 +124,108 @@ class KeyTable:
         return kt
 
 
-class RepresentationStore:
-    """The store under `root`: fold a window's rows in, commit a version, read any committed one."""
+class StoreReader:
+    """A store's committed versions, read-only (what trainers and Serve replicas open)."""
 
     def __init__(self, root: str | Path, cfg: StoreConfig, dim: int):
         self.root, self.cfg, self.dim = Path(root), cfg, dim
-        self.tables = {key: KeyTable(cfg.k, dim, cfg.dtype) for key in cfg.keys}
-        self.window = -1
-        self.fm_versions: list[str] = []
-        latest = self.latest()
-        if latest is not None:
-            self._load(latest)
+
+    @classmethod
+    def open(cls, root: str | Path) -> StoreReader | None:
+        """The store under `root` as its writer declared it; None when there is none."""
+        raw = _read_manifest(Path(root))
+        if raw is None or "config" not in raw:
+            return None
+        return cls(root, StoreConfig.model_validate(raw["config"]), int(raw["dim"]))
 
     def manifest(self) -> dict[str, StoreVersion]:
-        path = self.root / "manifest.json"
-        if not path.exists():
-            return {}
-        raw = json.loads(path.read_text())["versions"]
-        return {t: StoreVersion.model_validate(v) for t, v in raw.items()}
+        raw = _read_manifest(self.root)
+        versions = raw["versions"] if raw else {}
+        return {t: StoreVersion.model_validate(v) for t, v in versions.items()}
 
     def latest(self, before: int | None = None) -> int | None:
         """The newest committed version (older than window `before`, when given)."""
         ts = [int(t) for t in self.manifest() if before is None or int(t) < before]
         return max(ts) if ts else None
 
+    def view(self, window: int) -> StoreView:
+        """What rows of `window` may see: the newest version before it (empty when none)."""
+        return self.version_view(self.latest(before=window))
+
+    def version_view(self, version: int | None) -> StoreView:
+        if version is None:
+            return StoreView(None, {k: KeyTable(self.cfg.k, self.dim, self.cfg.dtype) for k in self.cfg.keys})
+        return StoreView(version, self._read(version))
+
+    def _read(self, version: int) -> dict[str, KeyTable]:
+        folder = self.root / f"version={version}"
+        return {
+            key: KeyTable.from_arrow(pq.read_table(folder / f"{key}.parquet"), self.cfg.k, self.dim, self.cfg.dtype)
+            for key in self.cfg.keys
+        }
+
+
+Entities = dict[str, tuple[np.ndarray, np.ndarray]]  # per key: (first ids [N], has an id [N])
+
+
+class RepresentationStore(StoreReader):
+    """The store's one writer: fold a window's rows in, commit a version; reads as StoreReader.
+
+    Opening a store that exists with another config or embedding size is refused: its versions
+    were folded with those and a reader could not tell."""
+
+    def __init__(self, root: str | Path, cfg: StoreConfig, dim: int):
+        super().__init__(root, cfg, dim)
+        declared = StoreReader.open(root)
+        if declared is not None and (declared.cfg != cfg or declared.dim != dim):
+            raise ConfigError(
+                f"the LoopFM store at {root} was built with {declared.cfg.model_dump()} and dim {declared.dim}, "
+                f"not {cfg.model_dump()} and dim {dim}"
+            )
+        self.tables = {key: KeyTable(cfg.k, dim, cfg.dtype) for key in cfg.keys}
+        self.window = -1
+        self.fm_versions: list[str] = []
+        latest = self.latest()
+        if latest is not None:
+            self._load(latest)
+        elif declared is None:
+            self._write_manifest({})  # readers can size their models before the first version
+
     def fold_window(self, window: int, table: pa.Table, emb_column: str = "fm_emb", fm_version: str | None = None):
         """Fold window `window`'s rows (key columns + embeddings) in and commit version `window`."""
-        entities = {key: _entities(table, key) for key in self.tables}
-        self.fold_arrays(window, entities, _embeddings(table, emb_column, self.dim), fm_version)
+        entities = {key: entity_ids(table, key) for key in self.tables}
+        self.fold_arrays(window, entities, embeddings(table, emb_column, self.dim), fm_version)
 
-    def fold_arrays(
-        self,
-        window: int,
-        entities: dict[str, tuple[np.ndarray, np.ndarray]],
-        emb: np.ndarray,
-        fm_version: str | None = None,
-    ) -> None:
+    def fold_arrays(self, window: int, entities: Entities, emb: np.ndarray, fm_version: str | None = None) -> None:
         """fold_window from arrays: per key (first ids [N], has an id [N]) and embeddings [N, D]."""
+        self.fold_parts(window, [(entities, emb, fm_version)])
+
+    def fold_parts(self, window: int, parts: Iterable[tuple[Entities, np.ndarray, str | None]]) -> None:
+        """Fold a window given in parts, in stream order (each part: entities, embeddings [N, D],
+        the FM version that made them), then evict and commit version `window`. A window with no
+        parts (the FM embedded none of its rows) still commits a version: readers wait for it."""
         if window <= self.window or str(window) in self.manifest():
             raise ConfigError(f"store version {window} is already committed (the store holds up to {self.window})")
-        for key, kt in self.tables.items():
-            ids, present = entities[key]
-            kt.fold(ids[present], emb[present], window)
+        try:
+            for entities, emb, fm_version in parts:
+                for key, kt in self.tables.items():
+                    ids, present = entities[key]
+                    kt.fold(ids[present], emb[present], window)
+                if fm_version and fm_version not in self.fm_versions:
+                    self.fm_versions = [*self.fm_versions, fm_version]
+        except BaseException:
+            self._reset()  # half a window folded: back to the last committed version
+            raise
+        for kt in self.tables.values():
             kt.evict(self.cfg.max_entities)
         self.window = window
-        if fm_version and fm_version not in self.fm_versions:
-            self.fm_versions = [*self.fm_versions, fm_version]
         self._commit(window)
 
     def view(self, window: int) -> StoreView:
-        """What rows of `window` may see: the newest version before it (empty when none)."""
         version = self.latest(before=window)
-        if version is None:
-            return StoreView(None, {k: KeyTable(self.cfg.k, self.dim, self.cfg.dtype) for k in self.cfg.keys})
-        if version == self.window:
+        if version is not None and version == self.window:
             return StoreView(version, self.tables)
-        return StoreView(version, self._read(version))
+        return self.version_view(version)
 
     def _commit(self, window: int) -> None:
         staging = self.root / "_staging" / f"version={window}"
@@ -195,14 +245,20 @@ class RepresentationStore:
             entities={key: len(kt.index) for key, kt in self.tables.items()},
             bytes=size,
         ).model_dump()
-        atomic_write(self.root / "manifest.json", json.dumps({"versions": versions}, indent=1))
+        self._write_manifest(versions)
 
-    def _read(self, version: int) -> dict[str, KeyTable]:
-        folder = self.root / f"version={version}"
-        return {
-            key: KeyTable.from_arrow(pq.read_table(folder / f"{key}.parquet"), self.cfg.k, self.dim, self.cfg.dtype)
-            for key in self.cfg.keys
-        }
+    def _write_manifest(self, versions: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = {"config": self.cfg.model_dump(), "dim": self.dim, "versions": versions}
+        atomic_write(self.root / "manifest.json", json.dumps(data, indent=1))
+
+    def _reset(self) -> None:
+        latest = self.latest()
+        if latest is None:
+            self.tables = {key: KeyTable(self.cfg.k, self.dim, self.cfg.dtype) for key in self.cfg.keys}
+            self.window, self.fm_versions = -1, []
+        else:
+            self._load(latest)
 
     def _load(self, version: int) -> None:
         self.tables = self._read(version)
@@ -220,7 +276,12 @@ class StoreView:
         return self.tables[key].lookup(ids)
 
 
-def _embeddings(table: pa.Table, column: str, dim: int) -> np.ndarray:
+def _read_manifest(root: Path) -> dict | None:
+    path = root / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def embeddings(table: pa.Table, column: str, dim: int) -> np.ndarray:
     if column not in table.column_names:
         raise DataError("missing column (the DAS writes the FM embedding there)", column=column)
     col = table.column(column).combine_chunks()
@@ -232,7 +293,7 @@ def _embeddings(table: pa.Table, column: str, dim: int) -> np.ndarray:
     return flat.reshape(len(table), dim)
 
 
-def _entities(table: pa.Table, key: str) -> tuple[np.ndarray, np.ndarray]:
+def entity_ids(table: pa.Table, key: str) -> tuple[np.ndarray, np.ndarray]:
     """The first id of each row's `key` list, and whether the row has one."""
     if key not in table.column_names:
         raise DataError("missing entity column for the representation store", column=key)

@@ -46,21 +46,38 @@ def check_serving(
         answer = post_until(
             url, body, accept=lambda a, v=pub.version: a.get("version") == v, timeout_s=reload_timeout_s
         )
-        model, _ = load_serving(pub.path)
+        model, meta = load_serving(pub.path)
         rows = WindowTensors(table, view.spec)
         feats, dense = view.spec.tenants[0].features, view.spec.tenants[0].dense
         batch = rows.batch(0, rows.num_rows, feats, dense)
-        expected = model(batch.sparse, batch.dense).detach().numpy()
+        history = _history(storage, model, meta.student.loopfm.store.keys, answer.get("store_version"), table)
+        expected = model(batch.sparse, batch.dense, history).detach().numpy()
         one = {"rows": body["rows"][:1]}
         latencies = asyncio.run(sequential(url, one, latency_requests, warmup=0)).samples_ms
         out[tenant] = {
             "version": answer["version"],
+            "store_version": answer.get("store_version"),
             "rows": table.num_rows,
             "max_abs_diff": float(np.max(np.abs(np.asarray(answer["probabilities"]) - expected))),
             "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)),
         }
     return {"url": serve.url, "tenants": out}
+
+
+def _history(storage: Path, model, keys: list[str], version: int | None, table):
+    """What a LoopFM student reads for these rows from the store version the server used."""
+    if model.loop is None or version is None:
+        return None
+    import torch
+
+    from exfm_ray.loopfm.builder import store_root
+    from exfm_ray.loopfm.features import history_columns
+    from exfm_ray.loopfm.store import StoreReader, entity_ids
+
+    view = StoreReader.open(store_root(storage)).version_view(version)
+    hist, kept = history_columns(view, keys, {k: entity_ids(table, k) for k in keys})
+    return torch.from_numpy(hist), torch.from_numpy(kept)
 
 
 def http_rows(table, view) -> list[dict]:

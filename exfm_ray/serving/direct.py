@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from exfm_ray.serving.api import build_api
 from exfm_ray.serving.config import ServeConfig
+from exfm_ray.serving.histories import NewestStore
 from exfm_ray.serving.rows import encode_rows
 from exfm_ray.serving.schema import HealthResponse, PredictRequest, PredictResponse, TenantsResponse
 from exfm_ray.serving.tenants import TenantModel, list_tenants, load_tenant
@@ -22,15 +23,19 @@ class DirectPredictor:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.store = StudentStore(config.store_root)
+        self.histories = NewestStore(config.store_root)
         self.models: dict[str, TenantModel] = {}
         torch.set_num_threads(config.torch_threads)
 
     async def predict(self, tenant: str, request: PredictRequest) -> PredictResponse:
         model = self.models.get(tenant)
         if model is None:
-            model = self.models[tenant] = load_tenant(self.store, tenant)
+            model = self.models[tenant] = load_tenant(self.store, tenant, self.histories)
         encoded = encode_rows(request.rows, model.spec, self.config.max_rows_per_request)
-        return PredictResponse(tenant=tenant, version=model.version, probabilities=model.predict([encoded]))
+        probabilities = model.predict([encoded])
+        return PredictResponse(
+            tenant=tenant, version=model.version, probabilities=probabilities, store_version=model.store_version
+        )
 
     async def tenants(self) -> TenantsResponse:
         return list_tenants(self.store)

@@ -26,6 +26,7 @@ from torch import nn
 from exfm_ray.observability import histogram
 from exfm_ray.serving.api import build_api
 from exfm_ray.serving.config import ServeConfig
+from exfm_ray.serving.histories import NewestStore
 from exfm_ray.serving.rows import EncodedRows, encode_rows
 from exfm_ray.serving.schema import HealthResponse, PredictRequest, PredictResponse, TenantsResponse
 from exfm_ray.serving.tenants import TenantModel, TenantSlot, latest, list_tenants, load_published, load_tenant
@@ -33,7 +34,7 @@ from exfm_ray.students.store import StudentStore
 
 logger = logging.getLogger("ray.serve")
 
-BatchResult = tuple[list[float], str] | Exception
+BatchResult = tuple[list[float], str, int | None] | Exception  # probabilities, version, store version
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class StudentRouter:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.store = StudentStore(config.store_root)
+        self.histories = NewestStore(config.store_root)
         torch.set_num_threads(config.torch_threads)
         # Slots the LRU still holds (weak: an evicted tenant drops out of reload checks by itself).
         self._slots: weakref.WeakValueDictionary[str, TenantSlot] = weakref.WeakValueDictionary()
@@ -66,7 +68,7 @@ class StudentRouter:
         self.loads: Counter[str] = Counter()  # student loads per tenant (a reload counts too)
 
         async def load(tenant: str) -> TenantSlot:
-            slot = TenantSlot(await asyncio.to_thread(load_tenant, self.store, tenant))
+            slot = TenantSlot(await asyncio.to_thread(load_tenant, self.store, tenant, self.histories))
             self.loads[tenant] += 1
             self._slots[tenant] = slot
             return slot
@@ -98,12 +100,12 @@ class StudentRouter:
         result = await self._answer(BatchItem(model, encoded))
         if isinstance(result, Exception):
             raise result
-        probabilities, version = result
+        probabilities, version, store_version = result
         # Per-tenant latency inside the replica (Serve's own metrics are per deployment, not per tenant).
         histogram("serve_tenant_latency_s", "Predict latency in the replica, per tenant", ("tenant",)).observe(
             time.perf_counter() - started, {"tenant": tenant}
         )
-        return PredictResponse(tenant=tenant, version=version, probabilities=probabilities)
+        return PredictResponse(tenant=tenant, version=version, probabilities=probabilities, store_version=store_version)
 
     async def _answer(self, item: BatchItem) -> BatchResult:
         """Join a @serve.batch batch when other requests are in flight; alone, skip the queue.
@@ -173,7 +175,7 @@ class StudentRouter:
                 continue
             start = 0
             for item, part in zip(group, parts, strict=True):
-                results[id(item)] = (probs[start : start + part.num_rows], model.version)
+                results[id(item)] = (probs[start : start + part.num_rows], model.version, model.store_version)
                 start += part.num_rows
             self.batched_rows += start
         self.batches += 1
@@ -197,22 +199,29 @@ class StudentRouter:
     async def _reload_once(self) -> None:
         # The snapshot is taken on the loop thread, which mutates the dict, and dropped on return:
         # held across the sleep, it would keep evicted tenants' models alive.
-        gone = await asyncio.to_thread(_reload_changed, self.store, list(self._slots.items()))
+        loaded = list(self._slots.items())
+        gone = await asyncio.to_thread(_reload_changed, self.store, loaded, self.histories)
         for tenant in gone:  # unpublished: the next request checks the store again and gets 404
             self._slots.pop(tenant, None)
 
 
-def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]]) -> list[str]:
-    """Swap in the published version of every loaded tenant whose LATEST.json moved (runs in a
-    thread); returns the tenants no longer published."""
+def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]], histories: NewestStore) -> list[str]:
+    """Swap in the published version of every loaded tenant whose LATEST.json moved, and the newest
+    LoopFM store version where it moved (runs in a thread); returns the tenants no longer published."""
     gone = []
+    view = None
+    if any(slot.current.reads_store for _, slot in loaded):
+        view = histories.view()
     for tenant, slot in loaded:
         pub = store.latest(tenant)
         if pub is None:
             gone.append(tenant)
         elif pub.version != slot.current.version:
-            slot.current = load_published(pub)  # one reference assignment: requests see old or new
+            slot.current = load_published(pub, histories)  # one reference assignment: requests see old or new
             logger.info("tenant %s now served by version %s", tenant, pub.version)
+        elif slot.current.reads_store and view is not None and slot.current.store_version != view.version:
+            slot.current = slot.current.with_store(view)
+            logger.info("tenant %s now reads LoopFM store version %s", tenant, view.version)
     return gone
 
 

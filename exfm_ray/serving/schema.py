@@ -42,6 +42,9 @@ class PredictResponse(ApiModel):
     tenant: str = Field(description="Tenant whose student answered.")
     version: str = Field(description="Checkpoint version of the student that answered.")
     probabilities: list[float] = Field(description="Predicted probability per row, in request order.")
+    store_version: int | None = Field(
+        None, description="LoopFM store version whose histories the student read (null: it reads none)."
+    )
 
 
 class TenantInfo(ApiModel):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from exfm_ray.errors import TenantNotFound
+from exfm_ray.loopfm.store import StoreView
+from exfm_ray.serving.histories import NewestStore, request_history
 from exfm_ray.serving.rows import EncodedRows, RowSpec, to_batch
 from exfm_ray.serving.schema import TenantInfo, TenantsResponse
 from exfm_ray.students.checkpoint import load_serving
@@ -26,12 +28,25 @@ class TenantModel:
     model: ServingStudent
     meta: StudentMeta
     spec: RowSpec
+    store: StoreView | None = None  # a LoopFM student's store version (None: every entity unseen)
+
+    @property
+    def reads_store(self) -> bool:
+        return self.model.loop is not None
+
+    @property
+    def store_version(self) -> int | None:
+        return self.store.version if self.reads_store and self.store is not None else None
+
+    def with_store(self, store: StoreView | None) -> TenantModel:
+        return replace(self, store=store) if self.reads_store else self
 
     def predict(self, parts: Sequence[EncodedRows]) -> list[float]:
         """Probabilities of all rows of `parts`, in order, from one forward pass."""
         sparse, dense = to_batch(parts, self.spec)
+        history = request_history(self.store, self.meta.student.loopfm.store.keys, parts) if self.reads_store else None
         with torch.inference_mode():
-            return self.model(sparse, dense).tolist()
+            return self.model(sparse, dense, history).tolist()
 
 
 class TenantSlot:
@@ -52,14 +67,16 @@ def latest(store: StudentStore, tenant: str) -> Published:
     return pub
 
 
-def load_published(pub: Published) -> TenantModel:
+def load_published(pub: Published, histories: NewestStore | None = None) -> TenantModel:
     model, meta = load_serving(pub.path)
-    return TenantModel(pub.tenant, pub.version, pub.published_at, model, meta, RowSpec.from_meta(meta))
+    loaded = TenantModel(pub.tenant, pub.version, pub.published_at, model, meta, RowSpec.from_meta(meta))
+    return loaded.with_store(histories.view()) if histories is not None and loaded.reads_store else loaded
 
 
-def load_tenant(store: StudentStore, tenant: str) -> TenantModel:
-    """The tenant's latest published student; TenantNotFound if it has none."""
-    return load_published(latest(store, tenant))
+def load_tenant(store: StudentStore, tenant: str, histories: NewestStore | None = None) -> TenantModel:
+    """The tenant's latest published student (a LoopFM one with the newest store version);
+    TenantNotFound if it has none."""
+    return load_published(latest(store, tenant), histories)
 
 
 def list_tenants(store: StudentStore) -> TenantsResponse:

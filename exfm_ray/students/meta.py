@@ -34,6 +34,9 @@ class StudentMeta(Config):
     fm_dim: int = Field(
         0, ge=0, description="FM embedding size of the LoopFM histories the student reads (0: it reads none)."
     )
+    store_version: int | None = Field(
+        None, description="LoopFM store version its last training window read (Serve reads the newest)."
+    )
 
     def schema_hash(self) -> str:
         """Identifies the input schema: a server can refuse a checkpoint whose inputs changed."""

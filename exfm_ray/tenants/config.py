@@ -21,7 +21,12 @@ from exfm_ray.schema import FM_LOGIT, FM_MASK, StreamSpec, TenantSpec, label_col
 from exfm_ray.students.config import DEFAULT_VARIANT, StudentConfig, variant
 from exfm_ray.students.store import valid_name
 
-Variant = Literal["vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa"]
+# '<variant>+loopfm': that variant also reading the FM's past embeddings of the row's entities
+# from the run's LoopFM store ('loopfm' alone: the student without distillation, with the store).
+Variant = Literal[
+    "vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa",
+    "loopfm", "kd_single_head+loopfm", "kd_sa+loopfm", "ah+loopfm", "ah_sa+loopfm",
+]  # fmt: skip
 
 
 class TenantConfig(Config):
@@ -117,6 +122,11 @@ def resolve(cfg: TenantConfig, spec: StreamSpec) -> TenantView:
     bad = [d for d in dense if d not in spec.dense]
     if bad:
         raise fail("dense", f"unknown dense features {bad}; the stream has {spec.dense}")
+    if cfg.distill().loopfm:
+        keys = cfg.student.loopfm.store.keys
+        if [k for k in keys if k not in features]:
+            # a Serve request carries the tenant's features only: the entity must be one of them
+            raise fail("student.loopfm.store.keys", f"{keys} must be among the student's features {features}")
     tasks = {s.task for s in src}
     task = cfg.task or (tasks.pop() if len(tasks) == 1 else None)
     if task is None:

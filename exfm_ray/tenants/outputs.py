@@ -137,6 +137,7 @@ class TenantFiles:
             variant=cfg.variant,
             served=run.served_choice,
             guard_reason=last.get("guard_reason", ""),
+            store_version=last.get("store_version"),
         )
         store.publish(run.served_model(), meta)
         return version

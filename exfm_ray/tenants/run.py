@@ -17,6 +17,9 @@ import pyarrow as pa
 import torch
 
 from exfm_ray.data.batching import WindowTensors
+from exfm_ray.errors import ExfmError
+from exfm_ray.loopfm.features import history_columns
+from exfm_ray.loopfm.store import StoreView, entity_ids
 from exfm_ray.metrics import evaluate
 from exfm_ray.priors import base_rate
 from exfm_ray.students.config import variant
@@ -34,16 +37,27 @@ class TenantRun:
     view: the tenant resolved against the stream (its rows, features, task).
     rank, world_size: this worker's place among the run's data-parallel workers; each trains on
         its slice of every global batch, and `grad_sync` averages gradients so replicas agree.
+    fm_dim: the FM embedding size, for a LoopFM variant (its windows then come with a store view).
     """
 
-    def __init__(self, view: TenantView, *, rank: int = 0, world_size: int = 1, grad_sync: GradSync | None = None):
+    def __init__(
+        self,
+        view: TenantView,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_sync: GradSync | None = None,
+        fm_dim: int = 0,
+    ):
         cfg = view.tenant
         self.view = view
         self.rank, self.world_size = rank, world_size
         name = cfg.name
+        distill = cfg.distill()
+        self.loop_keys = list(cfg.student.loopfm.store.keys) if distill.loopfm else []
         torch.manual_seed(cfg.seed)
-        self.learner = StudentLearner(build_student(view.spec, name, cfg.student, cfg.distill()), cfg.student,
-                                      cfg.distill(), grad_sync)  # fmt: skip
+        self.learner = StudentLearner(build_student(view.spec, name, cfg.student, distill, fm_dim), cfg.student,
+                                      distill, grad_sync)  # fmt: skip
         self.control = None
         if cfg.trains_control:
             # Same seed, and the shared parts are built first: the twin starts from the same weights.
@@ -60,14 +74,19 @@ class TenantRun:
     def last_window(self) -> int:
         return self.history[-1]["window"] if self.history else -1
 
-    def window(self, t: int, augmented: pa.Table, progress: Progress | None = None) -> dict:
+    def window(
+        self, t: int, augmented: pa.Table, progress: Progress | None = None, store: StoreView | None = None
+    ) -> dict:
         """Evaluate on this tenant's rows of augmented window t, then train one pass on them.
+        A LoopFM student needs `store`: the representation store as of a window before t.
         Returns the window's record (also appended to `history`)."""
         began = time.time()
         table = self.view.select(augmented)
         rows = WindowTensors(table, self.view.spec)
         versions = {v for v in table.column("fm_version").to_pylist() if v}
         record: dict = {"window": t, "rows": rows.num_rows, "fm_versions": sorted(versions)}
+        if self.loop_keys:
+            record["store_version"] = self._attach_history(t, table, rows, store)
         record.update(self._evaluate(rows))
         started = time.perf_counter()
         losses = self._train(rows, progress)
@@ -85,6 +104,15 @@ class TenantRun:
         self.fm_versions |= versions
         self.history.append(record)
         return record
+
+    def _attach_history(self, t: int, table: pa.Table, rows: WindowTensors, store: StoreView | None) -> int | None:
+        if store is None:
+            raise ExfmError(f"tenant {self.view.tenant.name!r} reads LoopFM histories: window {t} needs a store view")
+        if store.version is not None and store.version >= t:
+            raise ExfmError(f"window {t} may not read store version {store.version}: it holds window {t}'s own events")
+        hist, kept = history_columns(store, self.loop_keys, {k: entity_ids(table, k) for k in self.loop_keys})
+        rows.set_history(torch.from_numpy(hist), torch.from_numpy(kept))
+        return store.version
 
     def _guard(self, record: dict) -> None:
         """Which model served this window (chosen after the previous one) and which one to publish

@@ -82,6 +82,17 @@ class _Member:
     run: object  # TenantRun
     files: TenantFiles
     next: int
+    loop: object = None  # StoreReader of the run's LoopFM store, for a LoopFM tenant
+
+    def ready(self, committed) -> bool:
+        """Window `next` is committed and, for LoopFM, so is the store version before it: the
+        version its rows read, so that a resumed run reads what the first attempt read."""
+        if self.next not in committed:
+            return False
+        if self.loop is None or self.next == 0:
+            return True
+        latest = self.loop.latest()
+        return latest is not None and latest >= self.next - 1
 
 
 class _Group:
@@ -123,7 +134,10 @@ class _Group:
         files = TenantFiles(self.cfg.storage, entry, self.registry, self.rank, self.cfg.progress_every_s)
         try:
             sync = _allreduce_mean if self.world > 1 else None
-            run = TenantRun(resolve(entry.config, self.spec), rank=self.rank, world_size=self.world, grad_sync=sync)
+            view = resolve(entry.config, self.spec)
+            loop = _loop_store(self.cfg.storage, entry.config) if entry.config.distill().loopfm else None
+            run = TenantRun(view, rank=self.rank, world_size=self.world, grad_sync=sync,
+                            fm_dim=loop.dim if loop is not None else 0)  # fmt: skip
             files.restore(run)
         except Exception as exc:
             if self.world > 1:
@@ -131,14 +145,15 @@ class _Group:
             self._fail(entry, files, exc, self.cfg.plan.first_window)
             return
         start = max(self.cfg.plan.first_window, run.last_window + 1)
-        self.members[entry.config.name] = _Member(entry, run, files, start)
+        self.members[entry.config.name] = _Member(entry, run, files, start, loop)
 
     def train(self, m: _Member, table) -> bool:
         """Evaluate and train m on its next window; False if it failed (and was dropped)."""
         t = m.next
         progress = lambda phase, i, n: m.files.progress(len(m.run.history), t, phase, i, n)  # noqa: E731
         try:
-            record = m.run.window(t, table, progress)
+            store = m.loop.view(t) if m.loop is not None else None
+            record = m.run.window(t, table, progress, store)
         except Exception as exc:
             if self.world > 1:
                 raise  # the other ranks are inside the same all-reduce: let Ray Train restart them
@@ -205,7 +220,7 @@ def train_loop(config: dict) -> dict:
         if not pending:
             break
         committed = store.records()
-        ready = [m for m in pending if m.next in committed]
+        ready = [m for m in pending if m.ready(committed)]
         # Its slot is wanted by a waiting run: give it up once caught up, or after a quantum of
         # rounds when far behind; the manager starts its tenants again when a window is left.
         if registry.yield_path(run_cfg.key).exists() and (not ready or rounds >= run_cfg.yield_after):
@@ -213,7 +228,8 @@ def train_loop(config: dict) -> dict:
         if not ready:
             if not plan.follow:
                 waiting = ", ".join(f"{m.entry.config.name} (window {m.next})" for m in pending)
-                raise ExfmError(f"augmented windows not committed for {waiting}; run the DAS first")
+                raise ExfmError(f"augmented windows (or LoopFM store versions) not committed for {waiting}; "
+                                "run the DAS first")  # fmt: skip
             for m in pending:
                 m.files.progress(len(m.run.history), m.next, "waiting", 0, 0)
             time.sleep(run_cfg.poll_s)
@@ -222,6 +238,21 @@ def train_loop(config: dict) -> dict:
             group.train(m, store.read_window(m.next, columns=m.run.view.columns))
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
+
+
+def _loop_store(storage: str, tenant):
+    """The run's LoopFM store, which `exfm run` declares before any tenant starts."""
+    from exfm_ray.loopfm.builder import check_readable, store_root
+    from exfm_ray.loopfm.store import StoreReader
+
+    reader = StoreReader.open(store_root(storage))
+    if reader is None:
+        raise ExfmError(
+            f"tenant {tenant.name!r} uses variant {tenant.variant!r} but {store_root(storage)} holds no LoopFM "
+            "store: `exfm run` builds it when a tenant of the run reads one"
+        )
+    check_readable(tenant.name, tenant.student.loopfm.store.keys, reader.cfg)
+    return reader
 
 
 def _wait_for_spec(store, run_cfg: TenantRunConfig):

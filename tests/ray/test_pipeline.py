@@ -1,5 +1,7 @@
 """`exfm run` end to end on the shared local Ray: FM training job -> FM group -> DAS -> tenant
-runs -> Ray Serve over HTTP -> report; then a rerun that continues instead of redoing."""
+runs -> Ray Serve over HTTP -> report; then a rerun that continues instead of redoing.
+One tenant reads LoopFM histories: the run folds each committed window into the store, and
+Serve answers it from the newest store version."""
 
 import json
 from pathlib import Path
@@ -14,10 +16,13 @@ from exfm_ray.data.stream import window_dir
 from exfm_ray.data.synthetic import SyntheticConfig
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.fm.registry import FMRegistry
+from exfm_ray.loopfm.builder import store_root
+from exfm_ray.loopfm.store import StoreReader
 from exfm_ray.pipeline.config import PipelineConfig
 from exfm_ray.serving.deploy import free_port
 from exfm_ray.students.guard import NE_KEY
 from exfm_ray.students.store import StudentStore
+from exfm_ray.tenants.config import TenantConfig
 from exfm_ray.tenants.registry import TenantRegistry
 
 pytestmark = pytest.mark.ray
@@ -33,6 +38,10 @@ def first_run(ray_cluster, tmp_path_factory):
         source=SourceConfig(synthetic=SyntheticConfig(num_windows=WINDOWS, rows_per_window=10_000, num_tenants=2)),
         storage=str(storage),
         fm=FMConfig(size=2, batch_size=128),
+        tenants=[
+            TenantConfig(name="feed", control=True),
+            TenantConfig(name="stories", control=True, variant="kd_sa+loopfm"),
+        ],
         serve={"port": free_port(), "app_name": "students_pipeline", "reload_interval_s": 0.5, "replica_cpus": 0.5},
         latency_requests=20,
         sample_rows=16,
@@ -70,6 +79,19 @@ def test_served_students_answer_like_the_in_process_students(first_run):
         assert s["version"] == store.latest(tenant).version == f"g1-w{WINDOWS - 1:04d}"
         assert s["rows"] == cfg.sample_rows and s["max_abs_diff"] < 1e-5
         assert 0 < s["p50_ms"] <= s["p99_ms"]
+    # the LoopFM tenant is answered from the newest store version (the parity above used it too)
+    assert served["stories"]["store_version"] == WINDOWS - 1 and served["feed"]["store_version"] is None
+
+
+def test_the_loopfm_store_has_one_version_per_window_read_one_window_late(first_run):
+    cfg, report, lines = first_run
+    manifest = StoreReader.open(store_root(cfg.storage)).manifest()
+    assert sorted(int(t) for t in manifest) == list(range(WINDOWS))
+    assert manifest["0"].entities == {"user_id": 0} and manifest[str(WINDOWS - 1)].entities["user_id"] > 0
+    assert sum("LoopFM store version" in line for line in lines) == WINDOWS
+    # each window of the LoopFM tenant read the version before it, never its own
+    assert [r.get("store_version") for r in report["windows"]["stories"]] == [None, *range(WINDOWS - 1)]
+    assert all("store_version" not in r for r in report["windows"]["feed"])
 
 
 def test_report_shows_the_fm_helping_the_students(first_run):
@@ -97,8 +119,11 @@ def test_a_rerun_continues_and_redoes_nothing(first_run):
     before = {n: len(TenantRegistry(cfg.storage).history(n)) for n in
               report["windows"]}  # fmt: skip
     versions = len(FMRegistry(cfg.storage).versions())
+    loop_manifest = (store_root(cfg.storage) / "manifest.json").read_text()
     lines = []
     again = run_pipeline(cfg, log=lines.append)
+    assert (store_root(cfg.storage) / "manifest.json").read_text() == loop_manifest  # no version rewritten
+    assert not any("LoopFM store version" in line for line in lines)
     assert sum("already augmented" in line for line in lines) == WINDOWS
     # every tenant is through the last window: no run (Ray Train workers) is started for nothing
     assert sorted(line for line in lines if line.startswith("tenant ")) == [
