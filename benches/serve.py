@@ -19,7 +19,12 @@ from exfm_ray.bench.http_load import Latency, concurrent, post_until, sequential
 from exfm_ray.configbase import Config
 from exfm_ray.errors import ExfmError
 from exfm_ray.serving.config import ServeConfig
-from exfm_ray.serving.demo import example_rows, publish_synthetic_students, publish_tenant_copies
+from exfm_ray.serving.demo import (
+    example_rows,
+    publish_loopfm_pair,
+    publish_synthetic_students,
+    publish_tenant_copies,
+)
 from exfm_ray.serving.deploy import deploy, free_port, undeploy
 from exfm_ray.serving.schema import PREDICT_PATH
 from exfm_ray.students.store import StudentStore
@@ -33,6 +38,8 @@ class ServeBenchConfig(Config):
     rounds: int = Field(10, ge=1, description="Sequential rounds, alternating between the two servers.")
     tenants: int = Field(2, ge=1, le=512, description="Tenants served (beyond 2: copies of the two trained students).")
     serve: ServeConfig | None = Field(None, description="The Serve app's config (its store_root/port are replaced).")
+    loopfm_entities: int = Field(100_000, ge=0, description="Users in the LoopFM store of the with/without-lookup "
+                                 "arm (0: no such arm; it needs the bench's own students).")  # fmt: skip
     store_root: Path | None = Field(None, description="Serve the students published here (its first `tenants`) "
                                     "instead of publishing synthetic ones.")  # fmt: skip
 
@@ -45,10 +52,12 @@ def run(cfg: ServeBenchConfig) -> dict:
         if cfg.store_root is None:
             publish_synthetic_students(root, num_tenants=min(cfg.tenants, 2))
             tenants = publish_tenant_copies(root, cfg.tenants)
+            pair = publish_loopfm_pair(root, entities=cfg.loopfm_entities) if cfg.loopfm_entities else None
         else:
             tenants = StudentStore(root).tenants()[: cfg.tenants]
             if not tenants:
                 raise ExfmError(f"no published student in {root}")
+            pair = None
         serve_cfg = (cfg.serve or ServeConfig(store_root=Path(root))).replace(store_root=Path(root), port=free_port())
         store = StudentStore(root)
         single = {"rows": example_rows(store.latest_meta(tenants[0]), 1)}
@@ -61,6 +70,7 @@ def run(cfg: ServeBenchConfig) -> dict:
                 post_until(url + PREDICT_PATH.format(tenant=tenants[0]), single, timeout_s=120.0)
             ones = {t: {"rows": example_rows(store.latest_meta(t), 1)} for t in tenants}
             latency = asyncio.run(_sequential_rounds(urls, tenants[0], single, requests, cfg.rounds, ones))
+            lookup = _lookup(urls["serve"], store, pair, requests, cfg.rounds, cfg.loopfm_entities) if pair else {}
             before = _replica_stats(serve_cfg)
             load = {name: asyncio.run(_load(url, bodies, rows, concurrency, seconds)) for name, url in urls.items()}
             after = _replica_stats(serve_cfg)
@@ -94,6 +104,7 @@ def run(cfg: ServeBenchConfig) -> dict:
         "rows_per_request": rows,
         "tenants": tenants,
         "serve_config": serve_cfg.model_dump(mode="json", exclude={"store_root", "port"}),
+        **lookup,
     }
 
 
@@ -115,6 +126,37 @@ async def _sequential_rounds(
             got = await sequential(urls["serve"] + PREDICT_PATH.format(tenant=t), one, per_tenant, warmup=1)
             latency["serve_all_tenants"].samples_ms += got.samples_ms
     return latency
+
+
+def _lookup(url: str, store: StudentStore, pair: tuple[str, str], requests: int, rounds: int, entities: int) -> dict:
+    """The same student without and with LoopFM on Serve, alternating each round; every request a
+    single row of a user the store holds (a lookup that hits). p50/p99 of each and their ratio."""
+    bodies = {name: {"rows": example_rows(store.latest_meta(name), 1)} for name in pair}
+    for name in pair:
+        answer = post_until(url + PREDICT_PATH.format(tenant=name), bodies[name], timeout_s=120.0)
+        if name.endswith("_loopfm") and answer.get("store_version") is None:
+            raise ExfmError("the LoopFM student answered without a store version: the lookup did not run")
+
+    async def rounds_of_both() -> dict[str, Latency]:
+        arms = {name: Latency([]) for name in pair}
+        for _ in range(rounds):
+            for name in pair:
+                got = await sequential(url + PREDICT_PATH.format(tenant=name), bodies[name],
+                                       max(1, requests // rounds), warmup=20)  # fmt: skip
+                arms[name].samples_ms += got.samples_ms
+        return arms
+
+    arms = asyncio.run(rounds_of_both())
+    plain, loop = (arms[n] for n in pair)
+    return {
+        "loopfm_entities": entities,
+        "lookup_off_p50_ms": round(plain.p50, 3),
+        "lookup_off_p99_ms": round(plain.p99, 3),
+        "lookup_on_p50_ms": round(loop.p50, 3),
+        "lookup_on_p99_ms": round(loop.p99, 3),
+        "lookup_p50_ratio": round(loop.p50 / plain.p50, 3),
+        "lookup_p99_ratio": round(loop.p99 / plain.p99, 3),
+    }
 
 
 async def _load(url: str, bodies: dict[str, list[dict]], rows: int, concurrency: int, seconds: float):
@@ -178,4 +220,7 @@ def summary(r: dict) -> str:
         f"{r['serve_all_tenants_p50_ms']} / {r['serve_all_tenants_p99_ms']} ms | p99 {r['serve_p99_ratio']} |",
         f"student loads per replica {r['model_loads_per_replica']}, most models held by one replica "
         f"{r['max_models_per_replica']}",
+        *([f"LoopFM lookup (Serve, 1 row): p50 {r['lookup_off_p50_ms']} -> {r['lookup_on_p50_ms']} ms "
+           f"(ratio {r['lookup_p50_ratio']}), p99 {r['lookup_off_p99_ms']} -> {r['lookup_on_p99_ms']} ms "
+           f"(ratio {r['lookup_p99_ratio']})"] if "lookup_p50_ratio" in r else []),
     ])  # fmt: skip

@@ -41,6 +41,7 @@ BENCHES = {
         ("--concurrency", int, 32, "concurrent connections under load"),
         ("--rows", int, 32, "rows per request under load (candidates to rank)"),
         ("--tenants", int, 2, "tenants served (beyond 2: copies of the trained students)"),
+        ("--loopfm-entities", int, 100_000, "users in the LoopFM store of the lookup on/off arm (0: skip it)"),
     ], 2, "ServeBenchConfig"),
     "train": Bench("tenant training: plain loop vs Ray Train, and 2 tenants at once vs 1", [
         ("--rows-per-window", int, 60_000, "synthetic examples per window"),

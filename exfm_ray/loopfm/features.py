@@ -34,13 +34,18 @@ class LoopTower(nn.Module):
         self.query = nn.Parameter(torch.zeros(keys, fm_dim)) if pooling == "attention" else None
 
     def forward(self, hist: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        k = hist.shape[2]
+        return torch.stack([self.key_vectors(i, hist[:, i], kept[:, i]) for i in range(len(self.proj))], dim=1)
+
+    def key_vectors(self, i: int, hist: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Key i's vectors: [E, K, Dfm] histories, [E] counts -> [E, d]. A function of the entity
+        alone, so Serve computes it once per entity and store version, not per request."""
+        k = hist.shape[1]
         # real events sit at the end of the K slots (oldest first, padding in front)
-        real = torch.arange(k, device=hist.device).view(1, 1, k) >= (k - kept).unsqueeze(2)  # [B, keys, K]
-        pooled = pool(hist, real, self.pooling, self.query)
-        vectors = torch.stack([proj(pooled[:, i]) for i, proj in enumerate(self.proj)], dim=1)
-        has = (kept > 0).unsqueeze(2)
-        return torch.where(has, vectors, self.missing.unsqueeze(0).expand_as(vectors))
+        real = torch.arange(k, device=hist.device).view(1, k) >= (k - kept).unsqueeze(1)  # [E, K]
+        query = self.query[i : i + 1] if self.query is not None else None
+        pooled = pool(hist.unsqueeze(1), real.unsqueeze(1), self.pooling, query)[:, 0]
+        vectors = self.proj[i](pooled)
+        return torch.where((kept > 0).unsqueeze(1), vectors, self.missing[i].expand_as(vectors))
 
 
 def pool(hist: torch.Tensor, real: torch.Tensor, pooling: Pooling, query: torch.Tensor | None) -> torch.Tensor:

@@ -83,3 +83,31 @@ def publish_tenant_copies(root: str | Path, total: int) -> list[str]:
         names.append(name)
         i += 1
     return names[:total]
+
+
+def publish_loopfm_pair(root: str | Path, *, entities: int, seed: int = 0) -> tuple[str, str]:
+    """Two students of one synthetic tenant with `entities` users, to time the LoopFM lookup: the
+    default variant, and the same with LoopFM, beside a store (under `root`) that holds K events of
+    every user, so every request's lookup hits. Untrained: the timing does not depend on weights."""
+    import numpy as np
+
+    from exfm_ray.das.pipeline import fm_emb_dim
+    from exfm_ray.fm.config import FMConfig
+    from exfm_ray.loopfm.builder import store_root
+    from exfm_ray.loopfm.store import RepresentationStore
+
+    cfg = SyntheticConfig(num_windows=2, rows_per_window=200, num_tenants=1, num_users=entities, seed=seed)
+    spec = SyntheticStream(cfg).stream().spec
+    tenant, student = spec.tenant_names[0], StudentConfig()
+    dim = fm_emb_dim(spec, FMConfig())
+    store = RepresentationStore(store_root(root), student.loopfm.store, dim)
+    users = np.tile(np.arange(entities, dtype=np.int64), student.loopfm.store.k)
+    emb = np.random.default_rng(seed).normal(size=(len(users), dim)).astype(np.float32)
+    store.fold_arrays(store.window + 1, {"user_id": (users, np.ones(len(users), bool))}, emb)
+    names = (f"{tenant}_plain", f"{tenant}_loopfm")
+    for name, v in zip(names, ("kd_sa", "kd_sa+loopfm"), strict=True):
+        torch.manual_seed(seed)
+        model = build_student(spec, tenant, student, variant(v), fm_dim=dim)
+        meta = student_meta(spec, tenant, student, version="demo-1", window=0, variant=v)
+        StudentStore(root).publish(model, meta.model_copy(update={"tenant": name}))
+    return names

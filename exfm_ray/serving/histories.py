@@ -2,7 +2,8 @@
 
 A request's entities (the first id of each key feature in its rows) are looked up in that version;
 an entity the store never saw reads as unseen (the student's "no history" vector), not an error.
-The reloader refreshes the version as windows close. The FM is never called.
+The reloader refreshes the version as windows close. The FM is never called, and neither is the
+student's history tower at request time: its output per entity is computed when a version loads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from exfm_ray.loopfm.builder import store_root
-from exfm_ray.loopfm.features import history_columns
+from exfm_ray.loopfm.features import LoopTower
 from exfm_ray.loopfm.store import StoreReader, StoreView
 from exfm_ray.serving.rows import EncodedRows
 
@@ -44,16 +45,45 @@ class NewestStore:
             return self._view
 
 
-def request_history(
-    view: StoreView | None, keys: Sequence[str], parts: Sequence[EncodedRows]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows' histories ([B, keys, K, D], [B, keys]) from `view`; None (all unseen) without one
-    or when the store does not hold one of the keys."""
+class EntityVectors:
+    """A LoopFM student's tower output for every entity of one store version, per key: a request
+    then costs an id -> row lookup, not a pass over K embeddings (the tower's output depends on
+    the entity alone). Built in chunks, so a big store never holds its float32 histories at once."""
+
+    CHUNK = 16_384
+
+    def __init__(self, tower: LoopTower, view: StoreView, keys: Sequence[str]):
+        self.version, self.keys = view.version, list(keys)
+        self.index: list[dict[int, int]] = []
+        self.vectors: list[torch.Tensor] = []  # per key: [E + 1, d], the last row "no history"
+        with torch.inference_mode():
+            for i, key in enumerate(self.keys):
+                table = view.tables[key]
+                ids = np.fromiter(table.index, np.int64, len(table.index))
+                parts = []
+                for lo in range(0, len(ids), self.CHUNK):
+                    hist, kept = table.lookup(ids[lo : lo + self.CHUNK])
+                    parts.append(tower.key_vectors(i, torch.from_numpy(hist), torch.from_numpy(kept)))
+                parts.append(tower.missing[i].unsqueeze(0))
+                self.index.append(table.index)
+                self.vectors.append(torch.cat(parts))
+
+    def lookup(self, parts: Sequence[EncodedRows]) -> torch.Tensor:
+        """[B, keys, d]: each row's vectors; an unseen entity or a row without the id gets "no history"."""
+        out = []
+        for index, vectors, key in zip(self.index, self.vectors, self.keys, strict=True):
+            ids, present = first_ids(parts, key)
+            missing = len(vectors) - 1
+            rows = [index.get(int(e), missing) if p else missing for e, p in zip(ids, present, strict=True)]
+            out.append(vectors[torch.tensor(rows, dtype=torch.long)])
+        return torch.stack(out, dim=1)
+
+
+def entity_vectors(tower: LoopTower, view: StoreView | None, keys: Sequence[str]) -> EntityVectors | None:
+    """None (every entity unseen) without a store version, or when it lacks one of the keys."""
     if view is None or any(k not in view.tables for k in keys):
         return None
-    entities = {k: first_ids(parts, k) for k in keys}
-    hist, kept = history_columns(view, list(keys), entities)
-    return torch.from_numpy(hist), torch.from_numpy(kept)
+    return EntityVectors(tower, view, keys)
 
 
 def first_ids(parts: Sequence[EncodedRows], feature: str) -> tuple[np.ndarray, np.ndarray]:

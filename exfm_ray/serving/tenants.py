@@ -9,7 +9,7 @@ import torch
 
 from exfm_ray.errors import TenantNotFound
 from exfm_ray.loopfm.store import StoreView
-from exfm_ray.serving.histories import NewestStore, request_history
+from exfm_ray.serving.histories import EntityVectors, NewestStore, entity_vectors
 from exfm_ray.serving.rows import EncodedRows, RowSpec, to_batch
 from exfm_ray.serving.schema import TenantInfo, TenantsResponse
 from exfm_ray.students.checkpoint import load_serving
@@ -28,7 +28,7 @@ class TenantModel:
     model: ServingStudent
     meta: StudentMeta
     spec: RowSpec
-    store: StoreView | None = None  # a LoopFM student's store version (None: every entity unseen)
+    entities: EntityVectors | None = None  # a LoopFM student's store version (None: every entity unseen)
 
     @property
     def reads_store(self) -> bool:
@@ -36,16 +36,18 @@ class TenantModel:
 
     @property
     def store_version(self) -> int | None:
-        return self.store.version if self.reads_store and self.store is not None else None
+        return self.entities.version if self.entities is not None else None
 
     def with_store(self, store: StoreView | None) -> TenantModel:
-        return replace(self, store=store) if self.reads_store else self
+        if not self.reads_store:
+            return self
+        return replace(self, entities=entity_vectors(self.model.loop, store, self.meta.student.loopfm.store.keys))
 
     def predict(self, parts: Sequence[EncodedRows]) -> list[float]:
         """Probabilities of all rows of `parts`, in order, from one forward pass."""
         sparse, dense = to_batch(parts, self.spec)
-        history = request_history(self.store, self.meta.student.loopfm.store.keys, parts) if self.reads_store else None
         with torch.inference_mode():
+            history = self.entities.lookup(parts) if self.entities is not None else None
             return self.model(sparse, dense, history).tolist()
 
 

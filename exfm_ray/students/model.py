@@ -24,8 +24,9 @@ from exfm_ray.schema import StreamSpec
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import grad_scale
 
-# LoopFM input: ([B, keys, K, Dfm] histories, [B, keys] real events in them), or None
-History = tuple[torch.Tensor, torch.Tensor] | None
+# LoopFM input: (histories [B, keys, K, Dfm], counts [B, keys]) for the tower, or the tower's
+# output [B, keys, D] already looked up (Serve precomputes it per entity); None: all unseen.
+History = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
 
 
 class StudentAdapter(nn.Module):
@@ -213,7 +214,8 @@ def _backbone(
         if history is None:  # no store at hand: every entity reads as unseen
             b, keys, fm_dim = dense.shape[0], len(m.loop.proj), m.loop.proj[0].in_features
             history = (torch.zeros(b, keys, 1, fm_dim), torch.zeros(b, keys, dtype=torch.long))
-        stacked = torch.cat([stacked, m.loop(*history)], dim=1)  # [B, F+1+keys, D]
+        looped = history if isinstance(history, torch.Tensor) else m.loop(*history)
+        stacked = torch.cat([stacked, looped], dim=1)  # [B, F+1+keys, D]
     return m.backbone(torch.cat([stacked.flatten(1), pairwise_dots(stacked)], dim=1))
 
 

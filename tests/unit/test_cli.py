@@ -33,7 +33,9 @@ FROZEN = {
     },
     "stream": {"--data", "--data-dir", "--dataset", "--mapping", "--out", "--rows-per-window", "--windows"},
     "serve": {"--config", "--store", "--host", "--port", "--address", "--demo"},
-    "bench serve": {"--json", "--config", "--requests", "--seconds", "--concurrency", "--rows", "--tenants"},
+    "bench serve": {
+        "--json", "--config", "--requests", "--seconds", "--concurrency", "--rows", "--tenants", "--loopfm-entities",
+    },
     "bench fm": {"--json", "--rows", "--fm-size"},
     "bench das": {"--json", "--rows", "--fm-size", "--shards"},
     "bench train": {"--json", "--rows-per-window", "--windows"},
