@@ -16,6 +16,3 @@ Pooling = Literal["mean", "last", "sum", "attention"]
 class LoopFMConfig(Config):
     store: StoreConfig = Field(default_factory=StoreConfig, description="Which entities, how much history, how big.")
     pooling: Pooling = Field("mean", description="How a key's K embeddings become one vector.")
-    normalize: bool = Field(
-        False, description="Layer-normalize the pooled FM vector before the projection (no learned scale)."
-    )

@@ -20,9 +20,9 @@ from exfm_ray.loopfm.store import StoreView
 class LoopTower(nn.Module):
     """[B, keys, K, D] histories and [B, keys] counts -> [B, keys, d] feature vectors."""
 
-    def __init__(self, keys: int, fm_dim: int, dim: int, pooling: Pooling, normalize: bool = False):
+    def __init__(self, keys: int, fm_dim: int, dim: int, pooling: Pooling):
         super().__init__()
-        self.pooling, self.normalize = pooling, normalize
+        self.pooling = pooling
         self.proj = nn.ModuleList(nn.Linear(fm_dim, dim) for _ in range(keys))
         # Zero start: the new slot reads 0 for every row, so a LoopFM student starts where the
         # student without it does and the histories enter as they earn their gradient (a random
@@ -44,8 +44,6 @@ class LoopTower(nn.Module):
         real = torch.arange(k, device=hist.device).view(1, k) >= (k - kept).unsqueeze(1)  # [E, K]
         query = self.query[i : i + 1] if self.query is not None else None
         pooled = pool(hist.unsqueeze(1), real.unsqueeze(1), self.pooling, query)[:, 0]
-        if self.normalize:
-            pooled = nn.functional.layer_norm(pooled, pooled.shape[1:])
         vectors = self.proj[i](pooled)
         return torch.where((kept > 0).unsqueeze(1), vectors, self.missing[i].expand_as(vectors))
 

@@ -198,7 +198,7 @@ def serving_parts(
     dense_proj = nn.Linear(max(num_dense, 1), d)
     backbone = MLP(num_vectors * d + num_vectors * (num_vectors - 1) // 2, cfg.hidden)
     head = nn.Linear(cfg.hidden[-1], 1)
-    loop = LoopTower(loop_keys, fm_dim, d, cfg.loopfm.pooling, cfg.loopfm.normalize) if fm_dim else None
+    loop = LoopTower(loop_keys, fm_dim, d, cfg.loopfm.pooling) if fm_dim else None
     return ebc, dense_proj, backbone, head, loop
 
 
