@@ -27,7 +27,7 @@ from exfm_ray.data.stream import SPEC_FILE, read_spec
 from exfm_ray.errors import PipelineFailure
 from exfm_ray.fm.registry import FMRegistry, FMVersion, fm_window_for, window_labeled_by
 from exfm_ray.fm.train_job import FMTrainConfig
-from exfm_ray.loopfm.builder import fold_augmented, store_config_for, store_root
+from exfm_ray.loopfm.builder import fold_augmented, open_run_store
 from exfm_ray.loopfm.store import RepresentationStore
 from exfm_ray.observability import LOG
 from exfm_ray.pipeline import report as run_report
@@ -114,9 +114,9 @@ class PipelineSupervisor:
     def _open_loop_store(self, spec) -> None:
         """Declare the LoopFM store (config and embedding size) before any tenant starts, when a
         tenant of the run reads one: trainers size their models from it."""
-        cfg = store_config_for([e.config for e in TenantRegistry(self.storage).active()])
-        if cfg is not None:
-            self.loop_store = RepresentationStore(store_root(self.storage), cfg, fm_emb_dim(spec, self.cfg.fm))
+        tenants = [e.config for e in TenantRegistry(self.storage).active()]
+        if any(t.distill().loopfm for t in tenants):
+            self.loop_store = open_run_store(self.storage, tenants, fm_emb_dim(spec, self.cfg.fm))
 
     def _fold_loop_store(self, augmented: AugmentedStore) -> None:
         """Fold every newly committed window into the store (a rerun catches up what a crash left)."""

@@ -81,17 +81,18 @@ class WindowTensors:
         else:
             self.fm_logit = torch.zeros(self.num_rows)
             self.fm_mask = torch.zeros(self.num_rows, dtype=torch.bool)
-        self.history: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.history = None  # LoopFM RowHistories (exfm_ray/loopfm/features.py) or None
 
     def set_fm(self, fm_logit: torch.Tensor, fm_mask: torch.Tensor) -> None:
         assert fm_logit.shape == (self.num_rows,) and fm_mask.shape == (self.num_rows,)
         self.fm_logit = fm_logit.float()
         self.fm_mask = fm_mask.bool()
 
-    def set_history(self, hist: torch.Tensor, kept: torch.Tensor) -> None:
-        """LoopFM histories of these rows ([N, keys, K, D], [N, keys]); see Batch.history."""
-        assert hist.shape[0] == self.num_rows and kept.shape == hist.shape[:2]
-        self.history = (hist.float(), kept.long())
+    def set_history(self, histories) -> None:
+        """LoopFM histories of these rows (a RowHistories: per key the distinct entities', and each
+        row's entity); a batch gathers its rows', see Batch.history."""
+        assert histories.num_rows == self.num_rows
+        self.history = histories
 
     def first_ids(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Each row's first id of feature `name` (its entity) and whether it has one."""
@@ -116,7 +117,7 @@ class WindowTensors:
             self.tenant[lo:hi],
             self.fm_logit[lo:hi],
             self.fm_mask[lo:hi],
-            None if self.history is None else (self.history[0][lo:hi], self.history[1][lo:hi]),
+            None if self.history is None else self.history.rows(lo, hi),
         )
 
     def batches(self, batch_size: int, features: list[str], dense: list[str] | None = None) -> list[Batch]:

@@ -61,15 +61,54 @@ def pool(hist: torch.Tensor, real: torch.Tensor, pooling: Pooling, query: torch.
     return (hist * att.unsqueeze(3)).sum(2)
 
 
-def history_columns(
-    view: StoreView, keys: list[str], entities: dict[str, tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The rows' histories from one store version: ([N, keys, K, D] float32, [N, keys] counts).
-    `entities[key]`: (first ids, has an id); a row without an id reads as an unseen entity."""
-    hists, counts = [], []
+class RowHistories:
+    """A window's LoopFM input, compact: per key the distinct entities' histories ([U, K, D]) and
+    counts ([U]), and each row's entity ([N, keys]). A batch gathers its rows' histories, so a
+    window never holds N x K x D floats (a million rows at K = 8, D = 96: 3 GB per key)."""
+
+    def __init__(self, hist: list[torch.Tensor], kept: list[torch.Tensor], index: torch.Tensor):
+        self.hist, self.kept, self.index = hist, kept, index
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.index.shape[0])
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi): ([B, keys, K, D] float32, [B, keys] int64)."""
+        idx = self.index[lo:hi]
+        hist = torch.stack([h[idx[:, i]] for i, h in enumerate(self.hist)], dim=1)
+        kept = torch.stack([c[idx[:, i]] for i, c in enumerate(self.kept)], dim=1)
+        return hist, kept
+
+
+def row_histories(
+    view: StoreView, keys: list[str], entities: dict[str, tuple[np.ndarray, np.ndarray]], k: int | None = None
+) -> RowHistories:
+    """The rows' histories from one store version, each key's entities looked up once.
+    `entities[key]`: (first ids, has an id); a row without an id reads as an unseen entity.
+    `k`: the reader's K, when smaller than the store's (its last k events)."""
+    hist, kept, index = [], [], []
     for key in keys:
         ids, present = entities[key]
-        hist, kept = view.history(key, ids)
-        hists.append(hist)
-        counts.append(np.where(present, kept, 0))
-    return np.stack(hists, 1), np.stack(counts, 1)
+        distinct, inverse = np.unique(np.where(present, ids, -1), return_inverse=True)  # ids are >= 0
+        h, c = last_k(*view.history(key, distinct), k)
+        hist.append(torch.from_numpy(h))
+        kept.append(torch.from_numpy(c))
+        index.append(inverse.reshape(-1))
+    return RowHistories(hist, kept, torch.from_numpy(np.stack(index, 1)) if index else torch.zeros(0, 0))
+
+
+def last_k(hist: np.ndarray, kept: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A [N, K, D] history cut to its last k slots (the newest events; padding stays in front)."""
+    if k is None or k >= hist.shape[1]:
+        return hist, kept
+    return np.ascontiguousarray(hist[:, -k:]), np.minimum(kept, k)
+
+
+def history_columns(
+    view: StoreView, keys: list[str], entities: dict[str, tuple[np.ndarray, np.ndarray]], k: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's histories at once: ([N, keys, K, D] float32, [N, keys] counts); see row_histories."""
+    rows = row_histories(view, keys, entities, k)
+    hist, kept = rows.rows(0, rows.num_rows)
+    return hist.numpy(), kept.numpy()

@@ -9,7 +9,7 @@ import torch
 
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.loopfm.config import LoopFMConfig
-from exfm_ray.loopfm.features import history_columns
+from exfm_ray.loopfm.features import row_histories
 from exfm_ray.loopfm.store import RepresentationStore
 
 
@@ -34,8 +34,7 @@ def attach_histories(
             view = store.view(t)
             for part in tenant_rows[t]:
                 ids = {key: part.first_ids(key) for key in keys}
-                hist, kept = history_columns(view, keys, ids)
-                part.set_history(torch.from_numpy(hist), torch.from_numpy(kept))
+                part.set_history(row_histories(view, keys, ids))
             if hidden[t] is not None:
                 entities = {key: rows.first_ids(key) for key in keys}
                 store.fold_arrays(t, entities, hidden[t].detach().numpy())

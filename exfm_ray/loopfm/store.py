@@ -213,15 +213,17 @@ class RepresentationStore(StoreReader):
                     kt.fold(ids[present], emb[present], window)
                 if fm_version and fm_version not in self.fm_versions:
                     self.fm_versions = [*self.fm_versions, fm_version]
+            for kt in self.tables.values():
+                kt.evict(self.cfg.max_entities)
+            self._commit(window)
         except BaseException:
-            self._reset()  # half a window folded: back to the last committed version
+            self._reset()  # half a window folded, or not committed: back to the last committed version
             raise
-        for kt in self.tables.values():
-            kt.evict(self.cfg.max_entities)
         self.window = window
-        self._commit(window)
 
     def view(self, window: int) -> StoreView:
+        """As StoreReader.view; the newest version is the writer's live tables (no copy), so read
+        it before folding the next window in, as the one-process experiment does."""
         version = self.latest(before=window)
         if version is not None and version == self.window:
             return StoreView(version, self.tables)

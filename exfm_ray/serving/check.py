@@ -50,7 +50,7 @@ def check_serving(
         rows = WindowTensors(table, view.spec)
         feats, dense = view.spec.tenants[0].features, view.spec.tenants[0].dense
         batch = rows.batch(0, rows.num_rows, feats, dense)
-        history = _history(storage, model, meta.student.loopfm.store.keys, answer.get("store_version"), table)
+        history = _history(storage, model, meta.student.loopfm.store, answer.get("store_version"), table)
         expected = model(batch.sparse, batch.dense, history).detach().numpy()
         one = {"rows": body["rows"][:1]}
         latencies = asyncio.run(sequential(url, one, latency_requests, warmup=0)).samples_ms
@@ -65,7 +65,7 @@ def check_serving(
     return {"url": serve.url, "tenants": out}
 
 
-def _history(storage: Path, model, keys: list[str], version: int | None, table):
+def _history(storage: Path, model, own, version: int | None, table):
     """What a LoopFM student reads for these rows from the store version the server used."""
     if model.loop is None or version is None:
         return None
@@ -76,7 +76,7 @@ def _history(storage: Path, model, keys: list[str], version: int | None, table):
     from exfm_ray.loopfm.store import StoreReader, entity_ids
 
     view = StoreReader.open(store_root(storage)).version_view(version)
-    hist, kept = history_columns(view, keys, {k: entity_ids(table, k) for k in keys})
+    hist, kept = history_columns(view, own.keys, {k: entity_ids(table, k) for k in own.keys}, own.k)
     return torch.from_numpy(hist), torch.from_numpy(kept)
 
 

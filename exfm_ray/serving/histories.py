@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from exfm_ray.loopfm.builder import store_root
-from exfm_ray.loopfm.features import LoopTower
+from exfm_ray.loopfm.features import LoopTower, last_k
 from exfm_ray.loopfm.store import StoreReader, StoreView
 from exfm_ray.serving.rows import EncodedRows
 
@@ -52,17 +52,18 @@ class EntityVectors:
 
     CHUNK = 16_384
 
-    def __init__(self, tower: LoopTower, view: StoreView, keys: Sequence[str]):
+    def __init__(self, tower: LoopTower, view: StoreView, keys: Sequence[str], k: int):
         self.version, self.keys = view.version, list(keys)
-        self.index: list[dict[int, int]] = []
-        self.vectors: list[torch.Tensor] = []  # per key: [E + 1, d], the last row "no history"
+        self.index: list[dict[int, int]] = []  # per key: entity -> its row in the store table
+        self.vectors: list[torch.Tensor] = []  # per key: [E + 1, d] in table-row order, the last "no history"
         with torch.inference_mode():
             for i, key in enumerate(self.keys):
                 table = view.tables[key]
-                ids = np.fromiter(table.index, np.int64, len(table.index))
                 parts = []
-                for lo in range(0, len(ids), self.CHUNK):
-                    hist, kept = table.lookup(ids[lo : lo + self.CHUNK])
+                for lo in range(0, len(table.n), self.CHUNK):
+                    hist = table.emb[lo : lo + self.CHUNK].astype(np.float32)
+                    kept = np.minimum(table.n[lo : lo + self.CHUNK], table.k)
+                    hist, kept = last_k(hist, kept, k)
                     parts.append(tower.key_vectors(i, torch.from_numpy(hist), torch.from_numpy(kept)))
                 parts.append(tower.missing[i].unsqueeze(0))
                 self.index.append(table.index)
@@ -79,11 +80,13 @@ class EntityVectors:
         return torch.stack(out, dim=1)
 
 
-def entity_vectors(tower: LoopTower, view: StoreView | None, keys: Sequence[str]) -> EntityVectors | None:
+def readable(view: StoreView | None, keys: Sequence[str]) -> bool:
+    return view is not None and all(k in view.tables for k in keys)
+
+
+def entity_vectors(tower: LoopTower, view: StoreView | None, keys: Sequence[str], k: int) -> EntityVectors | None:
     """None (every entity unseen) without a store version, or when it lacks one of the keys."""
-    if view is None or any(k not in view.tables for k in keys):
-        return None
-    return EntityVectors(tower, view, keys)
+    return EntityVectors(tower, view, keys, k) if readable(view, keys) else None
 
 
 def first_ids(parts: Sequence[EncodedRows], feature: str) -> tuple[np.ndarray, np.ndarray]:

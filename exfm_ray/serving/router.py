@@ -219,7 +219,7 @@ def _reload_changed(store: StudentStore, loaded: list[tuple[str, TenantSlot]], h
         elif pub.version != slot.current.version:
             slot.current = load_published(pub, histories)  # one reference assignment: requests see old or new
             logger.info("tenant %s now served by version %s", tenant, pub.version)
-        elif slot.current.reads_store and view is not None and slot.current.store_version != view.version:
+        elif slot.current.wants(view):
             slot.current = slot.current.with_store(view)
             logger.info("tenant %s now reads LoopFM store version %s", tenant, view.version)
     return gone

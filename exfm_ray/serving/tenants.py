@@ -9,7 +9,7 @@ import torch
 
 from exfm_ray.errors import TenantNotFound
 from exfm_ray.loopfm.store import StoreView
-from exfm_ray.serving.histories import EntityVectors, NewestStore, entity_vectors
+from exfm_ray.serving.histories import EntityVectors, NewestStore, entity_vectors, readable
 from exfm_ray.serving.rows import EncodedRows, RowSpec, to_batch
 from exfm_ray.serving.schema import TenantInfo, TenantsResponse
 from exfm_ray.students.checkpoint import load_serving
@@ -41,7 +41,13 @@ class TenantModel:
     def with_store(self, store: StoreView | None) -> TenantModel:
         if not self.reads_store:
             return self
-        return replace(self, entities=entity_vectors(self.model.loop, store, self.meta.student.loopfm.store.keys))
+        own = self.meta.student.loopfm.store
+        return replace(self, entities=entity_vectors(self.model.loop, store, own.keys, own.k))
+
+    def wants(self, store: StoreView | None) -> bool:
+        """A store version this LoopFM student can read and does not read yet."""
+        keys = self.meta.student.loopfm.store.keys
+        return self.reads_store and readable(store, keys) and self.store_version != store.version
 
     def predict(self, parts: Sequence[EncodedRows]) -> list[float]:
         """Probabilities of all rows of `parts`, in order, from one forward pass."""

@@ -18,7 +18,7 @@ import torch
 
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.errors import ExfmError
-from exfm_ray.loopfm.features import history_columns
+from exfm_ray.loopfm.features import row_histories
 from exfm_ray.loopfm.store import StoreView, entity_ids
 from exfm_ray.metrics import evaluate
 from exfm_ray.priors import base_rate
@@ -110,8 +110,8 @@ class TenantRun:
             raise ExfmError(f"tenant {self.view.tenant.name!r} reads LoopFM histories: window {t} needs a store view")
         if store.version is not None and store.version >= t:
             raise ExfmError(f"window {t} may not read store version {store.version}: it holds window {t}'s own events")
-        hist, kept = history_columns(store, self.loop_keys, {k: entity_ids(table, k) for k in self.loop_keys})
-        rows.set_history(torch.from_numpy(hist), torch.from_numpy(kept))
+        entities = {k: entity_ids(table, k) for k in self.loop_keys}
+        rows.set_history(row_histories(store, self.loop_keys, entities, self.view.tenant.student.loopfm.store.k))
         return store.version
 
     def _guard(self, record: dict) -> None:

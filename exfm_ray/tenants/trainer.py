@@ -228,8 +228,8 @@ def train_loop(config: dict) -> dict:
         if not ready:
             if not plan.follow:
                 waiting = ", ".join(f"{m.entry.config.name} (window {m.next})" for m in pending)
-                raise ExfmError(f"augmented windows (or LoopFM store versions) not committed for {waiting}; "
-                                "run the DAS first")  # fmt: skip
+                raise ExfmError(f"not committed for {waiting}: the augmented window (run the DAS first) or, "
+                                "for a LoopFM tenant, the store version before it (exfm run folds it)")  # fmt: skip
             for m in pending:
                 m.files.progress(len(m.run.history), m.next, "waiting", 0, 0)
             time.sleep(run_cfg.poll_s)
@@ -251,7 +251,7 @@ def _loop_store(storage: str, tenant):
             f"tenant {tenant.name!r} uses variant {tenant.variant!r} but {store_root(storage)} holds no LoopFM "
             "store: `exfm run` builds it when a tenant of the run reads one"
         )
-    check_readable(tenant.name, tenant.student.loopfm.store.keys, reader.cfg)
+    check_readable(tenant.name, tenant.student.loopfm.store, reader.cfg)
     return reader
 
 

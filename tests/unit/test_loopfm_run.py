@@ -14,13 +14,13 @@ from exfm_ray.das.store import AugmentedStore
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.errors import ConfigError, ExfmError
 from exfm_ray.fm.config import FMConfig
-from exfm_ray.loopfm.builder import fold_augmented, store_config_for, store_root
-from exfm_ray.loopfm.features import history_columns
-from exfm_ray.loopfm.store import RepresentationStore, StoreConfig, StoreReader, entity_ids
+from exfm_ray.loopfm.builder import fold_augmented, open_run_store, store_config_for, store_root
+from exfm_ray.loopfm.features import history_columns, row_histories
+from exfm_ray.loopfm.store import KeyTable, RepresentationStore, StoreConfig, StoreReader, StoreView, entity_ids
 from exfm_ray.serving.check import http_rows
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.serving.direct import build_direct_api
-from exfm_ray.serving.histories import first_ids
+from exfm_ray.serving.histories import EntityVectors, first_ids
 from exfm_ray.serving.rows import EncodedRows
 from exfm_ray.students.meta import student_meta
 from exfm_ray.students.store import StudentStore
@@ -51,7 +51,8 @@ def _dim(augmented: AugmentedStore) -> int:
     return pq.read_schema(augmented.window_files(0)[0]).field("fm_emb").type.list_size
 
 
-def test_folding_unit_by_unit_equals_folding_the_window_whole(run_storage, tmp_path):
+@pytest.mark.parametrize("order", ["in time order", "out of order"])
+def test_folding_unit_by_unit_equals_folding_the_window_whole(run_storage, tmp_path, order):
     root, augmented = run_storage
     split = tmp_path / "split"
     shutil.copytree(root / "augmented", split / "augmented")
@@ -61,8 +62,9 @@ def test_folding_unit_by_unit_equals_folding_the_window_whole(run_storage, tmp_p
         ids = table.column("example_id").to_numpy()
         cut = int(np.flatnonzero(ids[1:] != ids[:-1])[len(ids) // 3]) + 1
         path.unlink()
-        pq.write_table(table.slice(0, cut), path.parent / "part-00000.parquet")
-        pq.write_table(table.slice(cut), path.parent / "part-00001.parquet")
+        first, second = ("00000", "00001") if order == "in time order" else ("00001", "00000")
+        pq.write_table(table.slice(0, cut), path.parent / f"part-{first}.parquet")
+        pq.write_table(table.slice(cut), path.parent / f"part-{second}.parquet")
     reader = StoreReader.open(store_root(root))
     streamed = RepresentationStore(tmp_path / "streamed", reader.cfg, reader.dim)
     assert fold_augmented(AugmentedStore(split), streamed) == list(range(WINDOWS))
@@ -112,7 +114,7 @@ def test_a_loopfm_member_waits_for_the_store_version_before_its_window(tmp_path)
     assert _Member(entry=None, run=None, files=None, next=2).ready({2})  # no LoopFM: the window only
 
 
-def test_the_run_store_holds_every_tenants_keys_and_keys_must_be_features(run_storage):
+def test_the_run_store_holds_every_tenants_keys_and_keys_must_be_features(run_storage, tmp_path):
     _, augmented = run_storage
     a = TenantConfig(name="feed", **LOOP)
     b = TenantConfig(name="stories", variant="loopfm", student={"loopfm": {"store": {"keys": ["ad_id"], "k": 2}}})
@@ -122,6 +124,28 @@ def test_the_run_store_holds_every_tenants_keys_and_keys_must_be_features(run_st
     bad = TenantConfig(name="feed", features=["ad_id"], **LOOP)
     with pytest.raises(ConfigError, match="student.loopfm.store.keys"):
         resolve(bad, augmented.spec())
+    # a rerun after tenants came or went reads the store as first built; what it cannot hold is refused
+    assert open_run_store(tmp_path, [a, b], dim=3).cfg == cfg
+    assert open_run_store(tmp_path, [b], dim=3).cfg == cfg  # 'feed' removed: same store
+    small = TenantConfig(name="new", variant="loopfm", student={"loopfm": {"store": {"k": 1}}})
+    assert open_run_store(tmp_path, [small], dim=3).cfg == cfg
+    big = TenantConfig(name="big", variant="loopfm", student={"loopfm": {"store": {"k": 16}}})
+    with pytest.raises(ConfigError, match="'big': student.loopfm.store.k 16"):
+        open_run_store(tmp_path, [a, big], dim=3)
+    other = TenantConfig(name="dev", variant="loopfm", student={"loopfm": {"store": {"keys": ["device"]}}})
+    with pytest.raises(ConfigError, match=r"'dev': student.loopfm.store.keys \['device'\]"):
+        open_run_store(tmp_path, [other], dim=3)
+
+
+def test_a_reader_with_a_smaller_k_reads_its_last_k_events():
+    store = StoreView(0, {"user_id": KeyTable(4, 1, "float32")})
+    store.tables["user_id"].fold(np.array([7, 7, 7, 8]), np.array([[1.0], [2.0], [3.0], [9.0]], np.float32), 0)
+    entities = {"user_id": (np.array([7, 8, 5, 7]), np.array([True, True, True, False]))}
+    hist, kept = history_columns(store, ["user_id"], entities, k=2)
+    assert hist[:, 0, :, 0].tolist() == [[2.0, 3.0], [0.0, 9.0], [0.0, 0.0], [0.0, 0.0]]
+    assert kept[:, 0].tolist() == [2, 1, 0, 0]  # an unseen entity and a row without an id: none
+    full = row_histories(store, ["user_id"], entities)
+    assert len(full.hist[0]) == 3 and full.rows(0, 4)[0].shape == (4, 1, 4, 1)  # 3 distinct, not 4 rows
 
 
 def test_a_served_loopfm_student_answers_from_the_newest_store_version(run_storage, tmp_path):
@@ -151,6 +175,14 @@ def test_a_served_loopfm_student_answers_from_the_newest_store_version(run_stora
         unseen = model(batch.sparse, batch.dense).numpy()
     np.testing.assert_allclose(answer["probabilities"], expected, atol=1e-6)
     assert np.abs(expected - unseen).max() > 1e-4  # the histories change the answer
+    # per entity, precomputed at load, equals the tower on the fly, also for a reader of fewer events
+    users = entity_ids(table, "user_id")[0].tolist() + [_unseen_user(newest, view)]
+    encoded = EncodedRows(len(users), {"user_id": users}, {"user_id": [1] * len(users)}, [[]] * len(users))
+    for k in (4, 2):
+        on_the_fly = history_columns(newest, keys, {"user_id": (np.array(users), np.ones(len(users), bool))}, k)
+        with torch.no_grad():
+            want = model.loop(*(torch.from_numpy(x) for x in on_the_fly))
+        np.testing.assert_allclose(EntityVectors(model.loop, newest, keys, k).lookup([encoded]), want, atol=1e-6)
     stranger = [{**rows[0], "sparse": {**rows[0]["sparse"], "user_id": [_unseen_user(newest, view)]}}]
     reply = client.post("/v1/tenants/feed/predict", json={"rows": stranger})
     assert reply.status_code == 200 and 0 < reply.json()["probabilities"][0] < 1
