@@ -26,12 +26,12 @@ def test_no_row_of_window_t_sees_window_t():
     manifest = attach_histories(LoopFMConfig.model_validate({"store": {"k": 4}}), full, parts, hidden)
     assert sorted(manifest) == ["1", "2", "3"]
     for t, [rows] in enumerate(parts):
-        hist, kept = rows.history
+        hist, kept = rows.history.rows(0, rows.num_rows)
         seen = hist[:, 0, :, 0][torch.arange(4).view(1, 4) >= 4 - kept]
         assert float(torch.cat([seen, torch.zeros(1)]).max()) <= t, f"window {t} read its own or a later window"
         if t >= 2:
             assert float(seen.max()) == t  # ... and does read the window just before it
-    assert int(parts[1][0].history[1].sum()) == 0  # nothing committed before window 1
+    assert int(parts[1][0].history.rows(0, parts[1][0].num_rows)[1].sum()) == 0  # nothing committed before window 1
 
 
 def test_unknown_store_key_names_it():

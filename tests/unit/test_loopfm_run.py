@@ -144,8 +144,10 @@ def test_a_reader_with_a_smaller_k_reads_its_last_k_events():
     hist, kept = history_columns(store, ["user_id"], entities, k=2)
     assert hist[:, 0, :, 0].tolist() == [[2.0, 3.0], [0.0, 9.0], [0.0, 0.0], [0.0, 0.0]]
     assert kept[:, 0].tolist() == [2, 1, 0, 0]  # an unseen entity and a row without an id: none
-    full = row_histories(store, ["user_id"], entities)
-    assert len(full.hist[0]) == 3 and full.rows(0, 4)[0].shape == (4, 1, 4, 1)  # 3 distinct, not 4 rows
+    repeated = {"user_id": (np.array([7, 7, 8, 7, 8]), np.ones(5, bool))}
+    full = row_histories(store, ["user_id"], repeated)
+    assert len(full.hist[0]) == 2 and full.rows(0, 5)[0].shape == (5, 1, 4, 1)  # held once per entity
+    assert full.rows(1, 3)[0][:, 0, :, 0].tolist() == [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 9.0]]
 
 
 def test_a_served_loopfm_student_answers_from_the_newest_store_version(run_storage, tmp_path):
