@@ -82,18 +82,28 @@ class RowHistories:
 
 
 def row_histories(
-    view: StoreView, keys: list[str], entities: dict[str, tuple[np.ndarray, np.ndarray]], k: int | None = None
+    view: StoreView,
+    keys: list[str],
+    entities: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int | None = None,
+    pooling: Pooling | None = None,
 ) -> RowHistories:
     """The rows' histories from one store version, each key's entities looked up once.
     `entities[key]`: (first ids, has an id); a row without an id reads as an unseen entity.
-    `k`: the reader's K, when smaller than the store's (its last k events)."""
+    `k`: the reader's K, when smaller than the store's (its last k events).
+    `pooling` mean, sum or last (no parameters): pooled here, once per entity, and handed on as a
+    history of one event, which the tower pools to itself; the answer is the same, and a training
+    batch no longer pools [B, K, D] (attention's learned query must see the K events)."""
     hist, kept, index = [], [], []
     for key in keys:
         ids, present = entities[key]
         distinct, inverse = np.unique(np.where(present, ids, -1), return_inverse=True)  # ids are >= 0
-        h, c = last_k(*view.history(key, distinct), k)
-        hist.append(torch.from_numpy(h))
-        kept.append(torch.from_numpy(c))
+        h, c = (torch.from_numpy(x) for x in last_k(*view.history(key, distinct), k))
+        if pooling in ("mean", "sum", "last"):
+            real = torch.arange(h.shape[1]).view(1, -1) >= (h.shape[1] - c).unsqueeze(1)
+            h, c = pool(h.unsqueeze(1), real.unsqueeze(1), pooling, None), c.clamp(max=1)  # [U, 1, D]
+        hist.append(h)
+        kept.append(c)
         index.append(inverse.reshape(-1))
     return RowHistories(hist, kept, torch.from_numpy(np.stack(index, 1)) if index else torch.zeros(0, 0))
 

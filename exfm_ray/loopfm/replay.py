@@ -34,7 +34,7 @@ def attach_histories(
             view = store.view(t)
             for part in tenant_rows[t]:
                 ids = {key: part.first_ids(key) for key in keys}
-                part.set_history(row_histories(view, keys, ids))
+                part.set_history(row_histories(view, keys, ids, pooling=cfg.pooling))
             if hidden[t] is not None:
                 entities = {key: rows.first_ids(key) for key in keys}
                 store.fold_arrays(t, entities, hidden[t].detach().numpy())

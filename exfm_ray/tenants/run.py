@@ -111,7 +111,8 @@ class TenantRun:
         if store.version is not None and store.version >= t:
             raise ExfmError(f"window {t} may not read store version {store.version}: it holds window {t}'s own events")
         entities = {k: entity_ids(table, k) for k in self.loop_keys}
-        rows.set_history(row_histories(store, self.loop_keys, entities, self.view.tenant.student.loopfm.store.k))
+        own = self.view.tenant.student.loopfm
+        rows.set_history(row_histories(store, self.loop_keys, entities, own.store.k, own.pooling))
         return store.version
 
     def _guard(self, record: dict) -> None:

@@ -21,9 +21,12 @@ def test_no_row_of_window_t_sees_window_t():
     stream = SyntheticStream(SyntheticConfig(**TINY)).stream()
     full = [WindowTensors(w, stream.spec) for w in stream.windows]
     parts = [[WindowTensors(w, stream.spec)] for w in stream.windows]
-    # window t's embeddings all equal t + 1 (window 0 unlabeled, as with an FM delay of 1)
+    # window t's embeddings all equal t + 1 (window 0 unlabeled, as with an FM delay of 1); attention
+    # pooling: the rows carry their K events (the parameter-free poolings hand on the pooled vector)
     hidden = [None] + [torch.full((w.num_rows, 4), float(t + 1)) for t, w in enumerate(stream.windows)][1:]
-    manifest = attach_histories(LoopFMConfig.model_validate({"store": {"k": 4}}), full, parts, hidden)
+    manifest = attach_histories(
+        LoopFMConfig.model_validate({"store": {"k": 4}, "pooling": "attention"}), full, parts, hidden
+    )
     assert sorted(manifest) == ["1", "2", "3"]
     for t, [rows] in enumerate(parts):
         hist, kept = rows.history.rows(0, rows.num_rows)

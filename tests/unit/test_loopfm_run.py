@@ -148,6 +148,19 @@ def test_a_reader_with_a_smaller_k_reads_its_last_k_events():
     full = row_histories(store, ["user_id"], repeated)
     assert len(full.hist[0]) == 2 and full.rows(0, 5)[0].shape == (5, 1, 4, 1)  # held once per entity
     assert full.rows(1, 3)[0][:, 0, :, 0].tolist() == [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 9.0]]
+    # mean/sum/last pooled once per entity: the tower answers exactly as on the K events
+    from exfm_ray.loopfm.features import LoopTower
+
+    mixed = {"user_id": (np.array([7, 8, 5, 7]), np.array([True, True, True, False]))}
+    for pooling in ("mean", "sum", "last"):
+        tower = LoopTower(1, 1, 2, pooling)
+        torch.nn.init.normal_(tower.proj[0].weight)
+        torch.nn.init.normal_(tower.missing)
+        pooled = row_histories(store, ["user_id"], mixed, pooling=pooling)
+        assert pooled.hist[0].shape[1] == 1, pooling
+        with torch.no_grad():
+            want = tower(*row_histories(store, ["user_id"], mixed).rows(0, 4))
+            np.testing.assert_allclose(tower(*pooled.rows(0, 4)), want, rtol=1e-6, err_msg=pooling)
 
 
 def test_a_served_loopfm_student_answers_from_the_newest_store_version(run_storage, tmp_path):
