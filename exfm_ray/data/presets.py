@@ -31,6 +31,10 @@ PRESETS: dict[str, dict] = {
         "dataset": "synthetic",
         "synthetic": {"num_windows": 6, "rows_per_window": 5_000, "num_tenants": 6},
     },
+    # Four times the users of `synthetic` (~6 rows per user and window instead of ~23): a
+    # student's own user_id embedding learns less of each user, the FM's view of the user's past
+    # events (LoopFM's histories) carries more.
+    "synthetic-many-users": {"dataset": "synthetic", "synthetic": {"num_windows": 12, "num_users": 4_000}},
     "movielens": {"dataset": "movielens"},
     # 4-week windows: at 1% positives a weekly window of one tenant holds 0-17 positives.
     "movielens-rare": {"dataset": "movielens", "positive_rate": 0.01, "window_days": 28},
