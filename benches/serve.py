@@ -86,12 +86,7 @@ def run(cfg: ServeBenchConfig) -> dict:
         "serve_p99_ratio": round(every.p99 / s.p99, 3),  # every tenant in turn vs one tenant, Serve
         "model_loads_per_replica": after["loads_per_replica"],
         "max_models_per_replica": after["max_models_per_replica"],
-        "baseline_p50_ms": round(b.p50, 3),
-        "baseline_p99_ms": round(b.p99, 3),
-        "serve_p50_ms": round(s.p50, 3),
-        "serve_p99_ms": round(s.p99, 3),
-        "p50_ratio": round(s.p50 / b.p50, 3),
-        "p99_ratio": round(s.p99 / b.p99, 3),
+        **_pair("baseline", b, "serve", s, ratio=""),
         "batched_predictions_per_s": round(sum(x.predictions_per_s for x in load["serve"]), 1),
         "baseline_predictions_per_s": round(sum(x.predictions_per_s for x in load["baseline"]), 1),
         "serve_load_p50_ms": round(_merged(load["serve"]).p50, 3),
@@ -139,8 +134,8 @@ def _lookup(url: str, store: StudentStore, pair: tuple[str, str], requests: int,
 
     async def rounds_of_both() -> dict[str, Latency]:
         arms = {name: Latency([]) for name in pair}
-        for _ in range(rounds):
-            for name in pair:
+        for r in range(rounds):
+            for name in pair if r % 2 == 0 else pair[::-1]:  # neither arm always goes first
                 got = await sequential(url + PREDICT_PATH.format(tenant=name), bodies[name],
                                        max(1, requests // rounds), warmup=20)  # fmt: skip
                 arms[name].samples_ms += got.samples_ms
@@ -150,12 +145,19 @@ def _lookup(url: str, store: StudentStore, pair: tuple[str, str], requests: int,
     plain, loop = (arms[n] for n in pair)
     return {
         "loopfm_entities": entities,
-        "lookup_off_p50_ms": round(plain.p50, 3),
-        "lookup_off_p99_ms": round(plain.p99, 3),
-        "lookup_on_p50_ms": round(loop.p50, 3),
-        "lookup_on_p99_ms": round(loop.p99, 3),
-        "lookup_p50_ratio": round(loop.p50 / plain.p50, 3),
-        "lookup_p99_ratio": round(loop.p99 / plain.p99, 3),
+        **_pair("lookup_off", plain, "lookup_on", loop, ratio="lookup_"),
+    }
+
+
+def _pair(base: str, a: Latency, arm: str, b: Latency, ratio: str) -> dict:
+    """p50/p99 of a baseline and an arm measured in the same rounds, and the arm's ratios."""
+    return {
+        f"{base}_p50_ms": round(a.p50, 3),
+        f"{base}_p99_ms": round(a.p99, 3),
+        f"{arm}_p50_ms": round(b.p50, 3),
+        f"{arm}_p99_ms": round(b.p99, 3),
+        f"{ratio}p50_ratio": round(b.p50 / a.p50, 3),
+        f"{ratio}p99_ratio": round(b.p99 / a.p99, 3),
     }
 
 
