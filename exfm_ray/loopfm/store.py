@@ -129,6 +129,7 @@ class StoreReader:
 
     def __init__(self, root: str | Path, cfg: StoreConfig, dim: int):
         self.root, self.cfg, self.dim = Path(root), cfg, dim
+        self._last: StoreView | None = None  # versions never change: the last one read is kept
 
     @classmethod
     def open(cls, root: str | Path) -> StoreReader | None:
@@ -153,9 +154,12 @@ class StoreReader:
         return self.version_view(self.latest(before=window))
 
     def version_view(self, version: int | None) -> StoreView:
+        """One committed version (None: the empty store); readers of one version share one copy."""
         if version is None:
             return StoreView(None, {k: KeyTable(self.cfg.k, self.dim, self.cfg.dtype) for k in self.cfg.keys})
-        return StoreView(version, self._read(version))
+        if self._last is None or self._last.version != version:
+            self._last = StoreView(version, self._read(version))
+        return self._last
 
     def _read(self, version: int) -> dict[str, KeyTable]:
         folder = self.root / f"version={version}"

@@ -27,22 +27,17 @@ class NewestStore:
     def __init__(self, storage: str | Path):
         self.root = store_root(storage)
         self._reader: StoreReader | None = None
-        self._view: StoreView | None = None
         self._lock = threading.Lock()  # loads and the reloader run in threads
 
     def view(self) -> StoreView | None:
-        """The newest committed version, read from storage only when it moved."""
+        """The newest committed version, read from storage only when it moved (the reader keeps it)."""
         with self._lock:
             if self._reader is None:
                 self._reader = StoreReader.open(self.root)
                 if self._reader is None:
                     return None
             latest = self._reader.latest()
-            if latest is None:
-                return None
-            if self._view is None or self._view.version != latest:
-                self._view = self._reader.version_view(latest)
-            return self._view
+            return None if latest is None else self._reader.version_view(latest)
 
 
 class EntityVectors:

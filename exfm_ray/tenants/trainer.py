@@ -105,6 +105,7 @@ class _Group:
         self.results: dict[str, dict] = {}
         self.failed: set[str] = set()  # run names that failed here: not taken again by this run
         self.dropped: dict[str, dict] = {}  # what the manager learns from registry.dropped(key)
+        self.loop = None  # the run's LoopFM StoreReader, one for all members: a version is read once
 
     def sync(self) -> None:
         entries = self.registry.entries()
@@ -135,7 +136,7 @@ class _Group:
         try:
             sync = _allreduce_mean if self.world > 1 else None
             view = resolve(entry.config, self.spec)
-            loop = _loop_store(self.cfg.storage, entry.config) if entry.config.distill().loopfm else None
+            loop = self._loop_store(entry.config) if entry.config.distill().loopfm else None
             run = TenantRun(view, rank=self.rank, world_size=self.world, grad_sync=sync,
                             fm_dim=loop.dim if loop is not None else 0)  # fmt: skip
             files.restore(run)
@@ -146,6 +147,21 @@ class _Group:
             return
         start = max(self.cfg.plan.first_window, run.last_window + 1)
         self.members[entry.config.name] = _Member(entry, run, files, start, loop)
+
+    def _loop_store(self, tenant):
+        """The run's LoopFM store, which `exfm run` declares before any tenant starts."""
+        from exfm_ray.loopfm.builder import check_readable, store_root
+        from exfm_ray.loopfm.store import StoreReader
+
+        if self.loop is None:
+            self.loop = StoreReader.open(store_root(self.cfg.storage))
+        if self.loop is None:
+            raise ExfmError(
+                f"tenant {tenant.name!r} uses variant {tenant.variant!r} but {store_root(self.cfg.storage)} holds "
+                "no LoopFM store: `exfm run` builds it when a tenant of the run reads one"
+            )
+        check_readable(tenant.name, tenant.student.loopfm.store, self.loop.cfg)
+        return self.loop
 
     def train(self, m: _Member, table) -> bool:
         """Evaluate and train m on its next window; False if it failed (and was dropped)."""
@@ -238,21 +254,6 @@ def train_loop(config: dict) -> dict:
             group.train(m, store.read_window(m.next, columns=m.run.view.columns))
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
-
-
-def _loop_store(storage: str, tenant):
-    """The run's LoopFM store, which `exfm run` declares before any tenant starts."""
-    from exfm_ray.loopfm.builder import check_readable, store_root
-    from exfm_ray.loopfm.store import StoreReader
-
-    reader = StoreReader.open(store_root(storage))
-    if reader is None:
-        raise ExfmError(
-            f"tenant {tenant.name!r} uses variant {tenant.variant!r} but {store_root(storage)} holds no LoopFM "
-            "store: `exfm run` builds it when a tenant of the run reads one"
-        )
-    check_readable(tenant.name, tenant.student.loopfm.store, reader.cfg)
-    return reader
 
 
 def _wait_for_spec(store, run_cfg: TenantRunConfig):
