@@ -45,6 +45,11 @@ def first_run(ray_cluster, tmp_path_factory):
         serve={"port": free_port(), "app_name": "students_pipeline", "reload_interval_s": 0.5, "replica_cpus": 0.5},
         latency_requests=20,
         sample_rows=16,
+        # One tenant run for both and a one-rank FM group: what is asserted here does not need more, and
+        # each Ray Train run or FM rank is a process importing torch (test_tenant_training and
+        # test_fm_group cover concurrent runs and sharded groups).
+        max_concurrent_tenants=1,
+        fm_shards=1,
     )
     lines = []
     report = run_pipeline(cfg, log=lines.append)

@@ -123,7 +123,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_reports_each_window_onc
     storage = tmp_path
     for t in range(3):
         commit(source, storage, t)
-    cfg = TenantConfig(name="feed_ft", rows=["feed"], student={"batch_size": 8})  # slow windows: time to kill
+    # slow windows (batch 8): time to kill; no guard twin: half the training (restoring a run with its twin
+    # and guard: tests/unit/test_tenants.py)
+    cfg = TenantConfig(name="feed_ft", rows=["feed"], guard=False, student={"batch_size": 8})
     entry = TenantRegistry(storage).add(cfg)
     ref = fit_tenant_task().remote(TenantRunConfig(storage=str(storage), lead=entry, plan=WindowPlan(last_window=2)))
     reg = TenantRegistry(storage)
