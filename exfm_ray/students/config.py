@@ -96,8 +96,9 @@ class DistillConfig(Config):
     )
     fm_gate: bool = Field(
         False,
-        description="Distill only while the FM's labels beat a constant: the tenant's positive rate before each "
-        "window, by log loss pooled over this window and the 2 before it (labels the trainer has when it trains). "
+        description="Distill only while the FM's labels beat a constant (within fm_gate_z standard errors): the "
+        "tenant's positive rate before each window, by log loss pooled over this window and the 2 before it "
+        "(labels the trainer has when it trains). "
         "Otherwise the student learns from labels alone, as on rows the FM could not label; the adapter keeps "
         "learning. On in the default variant kd_sa.",
     )
@@ -115,6 +116,14 @@ class DistillConfig(Config):
         ge=0,
         description="The gate pools the newest windows that together hold this many positives (up to 8 windows); "
         "inf: always this window and the 2 before it.",
+    )
+    fm_gate_z: float = Field(
+        0.0,
+        ge=0,
+        description="The gate distrusts the FM only when its pooled log loss exceeds the constant's by more than "
+        "this many standard errors of the difference (0, the default: by any amount). With a handful of positives a "
+        "window, losing by log loss is mostly noise while the FM's ranking still teaches (docs/results.md, "
+        "'The FM gate').",
     )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",

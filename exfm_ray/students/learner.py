@@ -62,7 +62,8 @@ class StudentLearner:
         First window: every head starts at the window's base rate. The first window with FM
         labels: with `sa_start`, the adapter starts at the log-odds gap between the labels and the
         FM's mean prediction there. Every window: with `fm_gate`, the FM's labels are used for
-        distillation only if they beat the window's constant base rate on its labels. All of this
+        distillation unless they lose to the tenant's constant base rate on the pooled labels by more
+        than `fm_gate_z` standard errors. All of this
         reads numbers the trainer has when it trains on the window (its labels), never the scores.
         """
         labeled = fm_mask is not None and bool(fm_mask.any())
@@ -89,9 +90,10 @@ class StudentLearner:
                     target = adapter(target)
             rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
             positives = float(labels[fm_mask].sum())
-            self.fm_record = [*self.fm_record, (*fm_and_constant_loss(labels[fm_mask], target, rate), positives)]
+            fm_w, flat_w, spread_w = fm_and_constant_loss(labels[fm_mask], target, rate)
+            self.fm_record = [*self.fm_record, (fm_w, flat_w, positives, spread_w)]
             self.fm_record = self.fm_record[-FM_GATE_MAX_WINDOWS:]
-            fm_loss, flat_loss = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+            fm_loss, flat_loss, spread = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
             calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
             if calibrated:
                 self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
@@ -105,7 +107,9 @@ class StudentLearner:
                     self.fm_affine = (a, b)
                 if self.distill.fm_gate_target == "calibrated" and not raw_wins:
                     fm_loss = fm_and_constant_loss(y, f * a + b, 0.5)[0] + PLATT_PENALTY
-            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss
+            # Distrust the FM only when it loses by more than the noise of a few positives allows.
+            margin = self.distill.fm_gate_z * spread
+            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss + margin
         self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
 
     def step(self, batch: Batch) -> dict[str, float]:
@@ -163,7 +167,11 @@ class StudentLearner:
         self.fm_trusted = state.get("fm_trusted", True)
         self.seen = tuple(state.get("seen", (0, 0.0)))
         # records before the positives were counted: 3 windows' worth, as the gate pooled then
-        self.fm_record = [(*x, math.inf) if len(x) == 2 else tuple(x) for x in state.get("fm_record", [])]
+        # (and before the spread was: no margin)
+        self.fm_record = [
+            (*x, math.inf, 0.0) if len(x) == 2 else (*x, 0.0) if len(x) == 3 else tuple(x)
+            for x in state.get("fm_record", [])
+        ]
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.vm_opt.load_state_dict(state["vm_opt"])
@@ -177,27 +185,31 @@ class StudentLearner:
         return torch.sigmoid(self.model(batch.sparse, batch.dense, batch.history).s)
 
 
-def pooled_evidence(record: list[tuple[float, float, float]], positives: float) -> tuple[float, float]:
+def pooled_evidence(record: list[tuple[float, ...]], positives: float) -> tuple[float, float, float]:
     """Summed FM and constant log loss over the newest windows that together hold `positives`
     positives (all of them if fewer): as fresh as the evidence allows, since the FM changes every
-    window, and never judged on a handful of positives."""
+    window, and never judged on a handful of positives. Third: the standard error of the
+    difference of the two sums (rows independent)."""
     if math.isinf(positives):
         record = record[-FM_GATE_WINDOWS:]
-    fm = flat = count = 0.0
-    for fm_w, flat_w, pos_w in reversed(record):
-        fm, flat, count = fm + fm_w, flat + flat_w, count + pos_w
+    fm = flat = count = var = 0.0
+    for fm_w, flat_w, pos_w, spread_w in reversed(record):
+        fm, flat, count, var = fm + fm_w, flat + flat_w, count + pos_w, var + spread_w**2
         if count >= positives:
             break
-    return fm, flat
+    return fm, flat, math.sqrt(var)
 
 
-def fm_and_constant_loss(labels: torch.Tensor, fm_logit: torch.Tensor, rate: float) -> tuple[float, float]:
+def fm_and_constant_loss(labels: torch.Tensor, fm_logit: torch.Tensor, rate: float) -> tuple[float, float, float]:
     """Summed log loss of the FM's labels and of the constant `rate` (the tenant's rate so far) on
-    these rows. A teacher that loses to that constant carries no signal the labels lack, only its
-    errors; summed, not averaged, so windows pool by their rows as in the guard."""
+    these rows, and the standard error of their difference. A teacher that loses to that constant
+    carries no signal the labels lack, only its errors; summed, not averaged, so windows pool by
+    their rows as in the guard."""
     y = labels.float()
-    fm = torch.nn.functional.binary_cross_entropy_with_logits(fm_logit.float(), y, reduction="sum")
+    fm = torch.nn.functional.binary_cross_entropy_with_logits(fm_logit.float(), y, reduction="none")
     flat = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.full_like(y, prior_logit(rate)), y, reduction="sum"
+        torch.full_like(y, prior_logit(rate)), y, reduction="none"
     )
-    return float(fm), float(flat)
+    diff = (fm - flat).double()
+    spread = math.sqrt(float(((diff - diff.mean()) ** 2).sum())) if len(diff) > 1 else 0.0
+    return float(fm.sum()), float(flat.sum()), spread

@@ -7,7 +7,7 @@ import torch
 
 from exfm_ray.data.batching import WindowTensors
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
-from exfm_ray.students.config import DistillConfig, StudentConfig, variant
+from exfm_ray.students.config import DEFAULT_VARIANT, DistillConfig, StudentConfig, variant
 from exfm_ray.students.learner import StudentLearner
 from exfm_ray.students.losses import (
     adapter_loss,
@@ -295,8 +295,8 @@ def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_ra
     y = b.label
     wrong = torch.where(y > 0, -4.0, 4.0)  # confidently backwards: worse than any constant
     rate = float(y.mean())
-    good, flat = fm_and_constant_loss(y, -wrong, rate)
-    bad, _ = fm_and_constant_loss(y, wrong, rate)
+    good, flat, _ = fm_and_constant_loss(y, -wrong, rate)
+    bad, _, _ = fm_and_constant_loss(y, wrong, rate)
     assert good < flat < bad
     mask = torch.ones_like(y, dtype=torch.bool)
     kd = {}
@@ -358,9 +358,35 @@ def test_gate_evidence_is_the_newest_windows_holding_enough_positives():
 
     from exfm_ray.students.learner import pooled_evidence
 
-    record = [(10.0, 1.0, 40.0), (1.0, 2.0, 5.0), (1.0, 2.0, 30.0)]  # (fm loss, constant loss, positives)
-    assert pooled_evidence(record, 30) == (1.0, 2.0)  # the newest window alone holds 30
-    assert pooled_evidence(record, 35) == (2.0, 4.0)
-    assert pooled_evidence(record, 60) == (12.0, 5.0)  # reaches back to the bad old window
-    assert pooled_evidence(record, 1000) == (12.0, 5.0)  # fewer positives than asked: all of it
-    assert pooled_evidence([(0.0, 0.0, 1.0)] * 5 + record, math.inf) == (12.0, 5.0)  # inf: the last 3
+    # (fm loss, constant loss, positives, standard error of their difference)
+    record = [(10.0, 1.0, 40.0, 0.0), (1.0, 2.0, 5.0, 3.0), (1.0, 2.0, 30.0, 4.0)]
+    assert pooled_evidence(record, 30) == (1.0, 2.0, 4.0)  # the newest window alone holds 30
+    assert pooled_evidence(record, 35) == (2.0, 4.0, 5.0)  # windows' errors add in quadrature
+    assert pooled_evidence(record, 60) == (12.0, 5.0, 5.0)  # reaches back to the bad old window
+    assert pooled_evidence(record, 1000) == (12.0, 5.0, 5.0)  # fewer positives than asked: all of it
+    assert pooled_evidence([(0.0, 0.0, 1.0, 9.0)] * 5 + record, math.inf) == (12.0, 5.0, 5.0)  # inf: the last 3
+
+
+def test_the_gate_with_a_margin_distrusts_the_fm_only_when_it_loses_beyond_the_noise(world):
+    """An FM that knows nothing (noise around the right rate) loses to the constant on every window.
+    On ~10 positives that loss is within noise: with fm_gate_z=2 the student distills; on ~1,000
+    positives the loss is clear: it does not. The default gate (no margin) distrusts both."""
+    from exfm_ray.priors import prior_logit
+    from exfm_ray.students.learner import fm_and_constant_loss
+
+    spec, _ = world
+    g = torch.Generator().manual_seed(2)
+    margin = f"{DEFAULT_VARIANT}@fm_gate_z=2"
+    for rate, clear in ((0.002, False), (0.2, True)):
+        y = (torch.rand(5000, generator=g) < rate).float()
+        fm = torch.randn(5000, generator=g) + prior_logit(rate)
+        fm_loss, flat, spread = fm_and_constant_loss(y, fm, float(y.mean()))
+        assert fm_loss > flat and spread > 0
+        mask = torch.ones_like(y, dtype=torch.bool)
+        trusted = {}
+        for name in (DEFAULT_VARIANT, margin):
+            distill = variant(name)
+            learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+            learner.begin_window(y, fm, mask)
+            trusted[name] = learner.fm_trusted
+        assert trusted == {DEFAULT_VARIANT: False, margin: not clear}, (rate, fm_loss - flat, spread)
