@@ -121,9 +121,9 @@ class DistillConfig(Config):
         0.0,
         ge=0,
         description="The gate distrusts the FM only when its pooled log loss exceeds the constant's by more than "
-        "this many standard errors of the difference (0, the default: by any amount). With a handful of positives a "
-        "window, losing by log loss is mostly noise while the FM's ranking still teaches (docs/results.md, "
-        "'The FM gate').",
+        "this many standard errors of the difference, once it has 3 windows of record (0, the default: by any "
+        "amount). With a handful of positives a window, losing by log loss is mostly noise while the FM's "
+        "ranking still teaches; off by default (docs/results.md, 'The FM gate').",
     )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",

@@ -108,7 +108,9 @@ class StudentLearner:
                 if self.distill.fm_gate_target == "calibrated" and not raw_wins:
                     fm_loss = fm_and_constant_loss(y, f * a + b, 0.5)[0] + PLATT_PENALTY
             # Distrust the FM only when it loses by more than the noise of a few positives allows.
-            margin = self.distill.fm_gate_z * spread
+            # ... and only once it has a record of FM_GATE_WINDOWS windows: an FM that has seen one or
+            # two windows of traffic gets no benefit of the doubt.
+            margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
             self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss + margin
         self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
 

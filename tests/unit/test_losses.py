@@ -367,10 +367,12 @@ def test_gate_evidence_is_the_newest_windows_holding_enough_positives():
     assert pooled_evidence([(0.0, 0.0, 1.0, 9.0)] * 5 + record, math.inf) == (12.0, 5.0, 5.0)  # inf: the last 3
 
 
-def test_the_gate_with_a_margin_distrusts_the_fm_only_when_it_loses_beyond_the_noise(world):
+def test_a_gate_margin_distrusts_the_fm_only_when_it_loses_beyond_the_noise_of_its_positives(world):
     """An FM that knows nothing (noise around the right rate) loses to the constant on every window.
-    On ~10 positives that loss is within noise: with fm_gate_z=2 the student distills; on ~1,000
-    positives the loss is clear: it does not. The default gate (no margin) distrusts both."""
+    On ~10 positives a window that loss is within noise: with fm_gate_z=2, once the gate has 3 windows
+    of record, the student distills (at ads rates the FM's ranking of the negatives is what helps,
+    docs/results.md); on ~1,000 positives the loss is clear: it does not. Before 3 windows, and in the
+    default gate (no margin), the FM is distrusted in both."""
     from exfm_ray.priors import prior_logit
     from exfm_ray.students.learner import fm_and_constant_loss
 
@@ -387,6 +389,8 @@ def test_the_gate_with_a_margin_distrusts_the_fm_only_when_it_loses_beyond_the_n
         for name in (DEFAULT_VARIANT, margin):
             distill = variant(name)
             learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-            learner.begin_window(y, fm, mask)
-            trusted[name] = learner.fm_trusted
-        assert trusted == {DEFAULT_VARIANT: False, margin: not clear}, (rate, fm_loss - flat, spread)
+            trusted[name] = []
+            for _ in range(3):
+                learner.begin_window(y, fm, mask)
+                trusted[name].append(learner.fm_trusted)
+        assert trusted == {DEFAULT_VARIANT: [False] * 3, margin: [False, False, not clear]}, (rate, fm_loss - flat)
