@@ -31,8 +31,10 @@ format: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not ray and not slow" -q
 
+# The unit and model tiers run beside the Ray tier (tests/run_tiers.sh says why); `pytest` alone
+# still runs the whole suite in one process.
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	tests/run_tiers.sh $(BIN)/python --durations=15
 
 # A 4-node Ray cluster on this machine (a raylet per node type of cluster.yaml), the whole loop
 # submitted through the Jobs API; part of `make test` too.

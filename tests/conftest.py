@@ -22,10 +22,11 @@ def data_dir() -> Path:
     return found
 
 
-# Cheap tiers first; then the multi-node module, before the tier's shared local Ray starts; then the
-# rest of the Ray tier, whose shared Ray (and Serve) then stops with the session. An idle Ray with
-# Serve takes ~0.25 of a core here (measured): while another cluster, or the unit tier, ran beside it,
-# that was time taken from the tests.
+# In one process (plain `pytest`): cheap tiers first; then the multi-node module, before the tier's
+# shared local Ray starts; then the rest of the Ray tier, whose shared Ray (and Serve) then stops
+# with the session. An idle Ray with Serve takes ~0.25 of a core here (measured): a cluster left
+# idle beside other tests was time taken from them. (`make test` runs the unit and model tiers in a
+# second process beside the Ray tier instead, where they fill the cores it leaves idle: run_tiers.sh.)
 _ORDER = ("tests/unit/", "tests/model/", "tests/ray/test_multinode.py", "tests/ray/")
 
 
