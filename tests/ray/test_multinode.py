@@ -38,6 +38,7 @@ def cluster():
     # ~15 s the tests would wait out); Ray Train's controllers poll their workers every 0.5 s (default 2).
     env = pytest.MonkeyPatch()
     env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # read by each raylet's workers: set before they start
+    env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as in conftest.py: nothing is preempted here
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     # Ports of its own: the tier's shared Ray already holds the defaults (its job agent's 52365).
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": port,

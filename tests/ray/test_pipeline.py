@@ -45,10 +45,12 @@ def first_run(ray_cluster, tmp_path_factory):
         serve={"port": free_port(), "app_name": "students_pipeline", "reload_interval_s": 0.5, "replica_cpus": 0.5},
         latency_requests=20,
         sample_rows=16,
-        # One tenant run for both and a one-rank FM group: what is asserted here does not need more, and
-        # each Ray Train run or FM rank is a process importing torch (test_tenant_training and
-        # test_fm_group cover concurrent runs and sharded groups).
+        # One tenant run for both, a one-rank FM training job and a one-rank FM group: what is asserted
+        # here does not need more, and each Ray Train run or rank is a process importing torch
+        # (test_tenant_training, test_fm_jobs and test_fm_group cover concurrent runs, 2-rank training
+        # and sharded groups).
         max_concurrent_tenants=1,
+        fm_workers=1,
         fm_shards=1,
     )
     lines = []
