@@ -35,7 +35,9 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path, capsys):
     # `fm train` in this process (the CLI's code path, without a second interpreter importing torch);
     # start/status/stop below run as their own processes: the group must outlive the one that started it.
     capsys.readouterr()
-    assert main(["fm", "train", *common, "--stream", str(stream), "--through-window", "0", "--size", "1"]) == 0
+    # fm-0001 on one rank; fm-0002 continues from it on two (the checkpoint reshards as a job scales up)
+    one = ["--workers", "1"]
+    assert main(["fm", "train", *common, "--stream", str(stream), "--through-window", "0", "--size", "1", *one]) == 0
     assert "published fm-0001" in capsys.readouterr().out
     assert main(["fm", "train", *common, "--stream", str(stream), "--through-window", "1", "--size", "1"]) == 0
     assert "published fm-0002" in capsys.readouterr().out  # incremental: continues from fm-0001 with window 1
@@ -49,7 +51,7 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path, capsys):
     assert v1.watermark < spec.window_starts[1] <= v2.watermark < spec.window_starts[2]
     assert all(np.isfinite(x) for x in [*v1.metrics.values(), *v2.metrics.values()])
     # 2 ranks: the data-parallel layers stay identical, so rank 0's checkpoint matches what trained.
-    assert v1.metrics["dense_replica_gap"] == v2.metrics["dense_replica_gap"] == 0.0
+    assert v2.metrics["dense_replica_gap"] == 0.0
     assert registry.for_window(spec.window_starts[1]).version == "fm-0001"  # the leakage guard's pick
 
     # Trained with the planner's choice, served column-wise: the DCP checkpoint reshards.
