@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_env import TEST_CLUSTER_ENV
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -28,12 +30,8 @@ def ray_cluster():
         env.setenv("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(haproxy / "server-state"))
         for key, value in cluster.FAST_INGRESS_ENV.items():
             env.setenv(key, value)
-        # Ray Train's controllers poll their workers every 0.5 s instead of 2: each run's end and each
-        # lost worker are seen sooner (the tier starts ~20 runs).
-        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # Ray Train's preemption watcher (an actor polling for spot-instance notices) has nothing to
-        # watch on this machine; its processes took ~35 CPU-seconds of the suite (measured, stop 28).
-        env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for key, value in TEST_CLUSTER_ENV.items():
+            env.setenv(key, value)
         cluster.connect(None, num_cpus=8, fast_ingress=True)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from exfm_ray.serving.deploy import free_port
+from tests.ray_env import TEST_CLUSTER_ENV
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -35,10 +36,10 @@ def cluster():
 
     port = free_port()
     # A killed raylet is declared dead after 3 missed health checks 1 s apart (Ray's default: 5 at 3 s,
-    # ~15 s the tests would wait out); Ray Train's controllers poll their workers every 0.5 s (default 2).
+    # ~15 s the tests would wait out); Ray Train as in the tier's shared Ray (tests/ray_env.py).
     env = pytest.MonkeyPatch()
-    env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # read by each raylet's workers: set before they start
-    env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as in conftest.py: nothing is preempted here
+    for key, value in TEST_CLUSTER_ENV.items():
+        env.setenv(key, value)
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     # Ports of its own: the tier's shared Ray already holds the defaults (its job agent's 52365).
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": port,
