@@ -308,7 +308,40 @@ def build_tenant_trainer(run_cfg: TenantRunConfig):
 
 def fit_tenant(run_cfg: TenantRunConfig) -> dict:
     """Train the run's tenants to the end of its windows (blocking); returns the run's summary."""
+    refused = refuse_unresolvable(run_cfg)
+    if refused is not None:
+        return refused
     result = build_tenant_trainer(run_cfg).fit()
     if result.error is not None:
         raise result.error
     return result.return_value
+
+
+def refuse_unresolvable(run_cfg: TenantRunConfig) -> dict | None:
+    """A run none of whose tenants fits the stream (rows naming no stream tenant, unknown features) fails
+    here, as its worker would, before any Ray Train process starts: a config error costs no gang
+    (a run's controller, helper actors and first worker take ~30 CPU-seconds before the first batch,
+    measured, stop 28). None: launch (a member fits, or nothing is committed yet to check against)."""
+    from exfm_ray.das.store import AugmentedStore
+    from exfm_ray.tenants.config import resolve
+
+    spec = AugmentedStore(run_cfg.storage).spec()
+    if spec is None:
+        return None
+    registry = TenantRegistry(run_cfg.storage)
+    group = _Group(run_cfg, registry, spec, rank=0, world=run_cfg.lead.config.workers)
+    entries, unfit = registry.entries(), []
+    for name in group._names():
+        entry = entries.get(name)
+        if entry is None or entry.status != "active":
+            continue
+        try:
+            resolve(entry.config, spec)
+        except ExfmError as exc:
+            unfit.append((entry, exc))
+        else:
+            return None
+    for entry, exc in unfit:
+        files = TenantFiles(run_cfg.storage, entry, registry, 0, run_cfg.progress_every_s)
+        group._fail(entry, files, exc, run_cfg.plan.first_window)
+    return {"run": run_cfg.key, "tenants": group.results, "seconds": 0.0} if unfit else None

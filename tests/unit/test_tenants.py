@@ -242,3 +242,43 @@ def test_a_rerun_starts_runs_only_for_tenants_not_done_with_the_plan(tmp_path, m
     assert {n: r["starts"] for n, r in runs.items()} == {"done": 0, "crashed": 1, "readded": 1}
     assert len(hosted) == 2  # a run each (room for 2); none for `done`
     assert all(r["status"] == "finished" for r in runs.values())
+
+
+def test_a_run_whose_tenants_fit_no_stream_fails_before_any_worker_starts(augmented, tmp_path, monkeypatch):
+    """`broken`'s rows name no stream tenant: its run fails in `fit_tenant` with the field, as its worker
+    would, and no Ray Train run is built. A run with one member that fits, or with nothing committed
+    yet to check against, is launched. (The trainer is the seam: building it is recorded.)"""
+    import exfm_ray.tenants.trainer as tr
+
+    launched = []
+
+    class Launched(Exception):
+        pass
+
+    def launch(cfg):
+        launched.append(cfg.key)
+        raise Launched
+
+    monkeypatch.setattr(tr, "build_tenant_trainer", launch)
+    reg = TenantRegistry(tmp_path)
+    broken = reg.add(TenantConfig(name="broken", rows=["no_such_tenant"]))
+    good = reg.add(TenantConfig(name="feed"))
+    plan = tr.WindowPlan(last_window=2)
+
+    def run(lead, key=""):
+        return tr.fit_tenant(tr.TenantRunConfig(storage=str(tmp_path), lead=lead, key=key, plan=plan))
+
+    with pytest.raises(Launched):
+        run(broken)  # nothing committed: nothing to check against yet
+    AugmentedStore(tmp_path).declare_spec(augmented[1].spec())
+    got = run(broken)["tenants"]["broken"]
+    assert got["status"] == "failed" and "'rows'" in got["error"] and "no_such_tenant" in got["error"]
+    assert reg.read_json(reg.progress_path("broken"))["phase"] == "failed"
+    assert launched == ["solo-broken"]
+    with pytest.raises(Launched):
+        run(good)
+    reg.members_path("group-1").parent.mkdir(parents=True, exist_ok=True)
+    reg.members_path("group-1").write_text(json.dumps(["broken", "feed"]))
+    with pytest.raises(Launched):
+        run(broken, key="group-1")  # one member fits: the run starts; `broken` fails inside it alone
+    assert launched == ["solo-broken", "solo-feed", "group-1"]
