@@ -32,8 +32,8 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path, capsys):
     assert main(["stream", "--windows", "3", "--rows-per-window", "1500", "--out", str(stream)]) == 0
     common = ["--address", ray_cluster, "--storage", str(store)]
 
-    # `fm train` in this process (the CLI's code path, without a second interpreter importing torch);
-    # start/status/stop below run as their own processes: the group must outlive the one that started it.
+    # `fm train`, status and stop in this process (the CLI's code path, without another interpreter importing
+    # ray and torch); `fm start` runs as its own process: the group must outlive the one that started it.
     capsys.readouterr()
     # fm-0001 on one rank; fm-0002 continues from it on two (the checkpoint reshards as a job scales up)
     one = ["--workers", "1"]
@@ -57,7 +57,9 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path, capsys):
     # Trained with the planner's choice, served column-wise: the DCP checkpoint reshards.
     exfm("fm", "start", *common, "--name", "fm-cli", "--sharding", "column_wise")
     try:
-        status = json.loads(exfm("fm", "status", *common, "--name", "fm-cli", "--json"))
+        capsys.readouterr()
+        assert main(["fm", "status", *common, "--name", "fm-cli", "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
         assert status["version"]["version"] == "fm-0002" and status["ready"]
         assert set(status["gangs"][0]["plan"].values()) == {"column_wise"}
         table = read_window(stream, 2, spec).slice(0, 300)
@@ -70,7 +72,9 @@ def test_train_publish_start_status_stop(ray_cluster, tmp_path, capsys):
             want = fm.eval()(b.sparse, b.dense)
         np.testing.assert_allclose(got.logits, want.logits.numpy(), atol=1e-5)
     finally:
-        assert "stopped" in exfm("fm", "stop", *common, "--name", "fm-cli")
+        capsys.readouterr()
+        assert main(["fm", "stop", *common, "--name", "fm-cli"]) == 0
+        assert "stopped" in capsys.readouterr().out
     assert find_fm_group("fm-cli") is None
 
 
