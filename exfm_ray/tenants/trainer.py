@@ -113,11 +113,33 @@ class _Group:
         for name, m in list(self.members.items()):
             if name not in names or not is_active(entries, m.entry):  # removed, re-added or moved away
                 self._drop(m, "finished")
-        for name in names:
-            entry = entries.get(name)
-            if name in self.members or entry is None or entry.status != "active" or entry.run_name in self.failed:
-                continue
+        for entry in self._joining(entries, names):
             self._join(entry)
+
+    def _joining(self, entries: dict[str, TenantEntry], names: list[str]) -> list[TenantEntry]:
+        """The run's tenants to take now: active, not hosted yet, not failed in this run."""
+        return [e for n in names if n not in self.members and (e := entries.get(n)) is not None
+                and e.status == "active" and e.run_name not in self.failed]  # fmt: skip
+
+    def fail_unless_one_fits(self) -> bool:
+        """Before any worker starts: when no tenant to take resolves against the stream, fail each as
+        `_join` would and return True; False as soon as one fits."""
+        from exfm_ray.tenants.config import resolve
+
+        unfit = []
+        for entry in self._joining(self.registry.entries(), self._names()):
+            try:
+                resolve(entry.config, self.spec)
+            except ExfmError as exc:
+                unfit.append((entry, exc))
+            else:
+                return False
+        for entry, exc in unfit:
+            self._fail(entry, self._files(entry), exc, self.cfg.plan.first_window)
+        return bool(unfit)
+
+    def _files(self, entry: TenantEntry) -> TenantFiles:
+        return TenantFiles(self.cfg.storage, entry, self.registry, self.rank, self.cfg.progress_every_s)
 
     def _names(self) -> list[str]:
         lead = self.cfg.lead.config.name
@@ -132,7 +154,7 @@ class _Group:
         from exfm_ray.tenants.config import resolve
         from exfm_ray.tenants.run import TenantRun
 
-        files = TenantFiles(self.cfg.storage, entry, self.registry, self.rank, self.cfg.progress_every_s)
+        files = self._files(entry)
         try:
             sync = _allreduce_mean if self.world > 1 else None
             view = resolve(entry.config, self.spec)
@@ -323,25 +345,9 @@ def refuse_unresolvable(run_cfg: TenantRunConfig) -> dict | None:
     (a run's controller, helper actors and first worker take ~30 CPU-seconds before the first batch,
     measured, stop 28). None: launch (a member fits, or nothing is committed yet to check against)."""
     from exfm_ray.das.store import AugmentedStore
-    from exfm_ray.tenants.config import resolve
 
     spec = AugmentedStore(run_cfg.storage).spec()
     if spec is None:
         return None
-    registry = TenantRegistry(run_cfg.storage)
-    group = _Group(run_cfg, registry, spec, rank=0, world=run_cfg.lead.config.workers)
-    entries, unfit = registry.entries(), []
-    for name in group._names():
-        entry = entries.get(name)
-        if entry is None or entry.status != "active":
-            continue
-        try:
-            resolve(entry.config, spec)
-        except ExfmError as exc:
-            unfit.append((entry, exc))
-        else:
-            return None
-    for entry, exc in unfit:
-        files = TenantFiles(run_cfg.storage, entry, registry, 0, run_cfg.progress_every_s)
-        group._fail(entry, files, exc, run_cfg.plan.first_window)
-    return {"run": run_cfg.key, "tenants": group.results, "seconds": 0.0} if unfit else None
+    group = _Group(run_cfg, TenantRegistry(run_cfg.storage), spec, rank=0, world=run_cfg.lead.config.workers)
+    return {"run": run_cfg.key, "tenants": group.results, "seconds": 0.0} if group.fail_unless_one_fits() else None
