@@ -8,7 +8,7 @@ from pathlib import Path
 from exfm_ray.data.presets import STREAMS
 from exfm_ray.experiment.config import SWEEPS, ExperimentConfig
 from exfm_ray.experiment.recipes import experiment_recipe
-from exfm_ray.students.config import DEFAULT_VARIANT, VARIANTS
+from exfm_ray.students.config import DEFAULT_VARIANT, VARIANTS, split_variants
 from jobs.settings import Settings
 
 
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.fm_delay is not None:
         changes["fm_delay"] = args.fm_delay
     if args.variants:
-        changes["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+        changes["variants"] = split_variants(args.variants)
     return cfg.replace(**changes) if changes else cfg
 
 

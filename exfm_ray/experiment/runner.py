@@ -154,6 +154,7 @@ def _run_student(
             rows = by_tenant[tenant].rows
             learner.begin_window(rows.label, rows.fm_logit, rows.fm_mask)
             preds = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
+            learner.judge(preds)
             out.append(_record(seed, variant_name, tenant, t, rows.label, preds))
             for b in rows.batches(cfg.student.batch_size, features, dense):
                 learner.step(b)

@@ -130,6 +130,12 @@ class DistillConfig(Config):
         description="What the FM gate judges: the FM's own label, the adapted label (as the adapter stands before "
         "the window) where there is an adapter, or the FM's label after the best Platt recalibration (its ranking).",
     )
+    fm_gate_against: Literal["constant", "student"] = Field(
+        "constant",
+        description="What the FM gate's target must beat: the tenant's constant rate, or the student itself "
+        "(its predictions on the window before training on it), by the log loss of the mix the distillation "
+        "term pulls towards, (p_student + w * p_target) / (1 + w).",
+    )
     loopfm: bool = Field(
         False,
         description="The student reads the FM's past embeddings of the row's entities as input features (LoopFM), "
@@ -159,6 +165,18 @@ def split_variant(spec: str) -> tuple[str, dict[str, str]]:
             raise ConfigError(f"variant {spec!r}: expected knob=value after '@', got {part!r}")
         knobs[key.strip()] = value.strip()
     return name, knobs
+
+
+def split_variants(text: str) -> list[str]:
+    """'vm_only,kd_sa@w=2,beta=0.5,ah' -> ['vm_only', 'kd_sa@w=2,beta=0.5', 'ah']: a comma-separated list
+    where a part holding '=' but no '@' is one more knob of the variant before it."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part and out and "=" in part and "@" not in part:
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out
 
 
 def variant(name: str, **knobs: float | str) -> DistillConfig:

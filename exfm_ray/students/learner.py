@@ -51,6 +51,7 @@ class StudentLearner:
         # the FM's labels recalibrated (fm_calibrate): logit -> a * logit + b, fitted on fm_rows
         self.fm_affine = (1.0, 0.0)
         self.fm_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: labels, FM logits
+        self.judging: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # per window: summed log loss of the FM, of that constant; positives
         self.fm_record: list[tuple[float, float, float]] = []
 
@@ -88,6 +89,9 @@ class StudentLearner:
             if adapter is not None and self.distill.fm_gate_target == "adapted":
                 with torch.no_grad():
                     target = adapter(target)
+        if labeled and self.distill.fm_gate_against == "student":
+            self.judging = (labels[fm_mask].clone(), target.detach().clone(), fm_mask.clone())  # see `judge`
+        elif labeled:
             rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
             positives = float(labels[fm_mask].sum())
             fm_w, flat_w, spread_w = fm_and_constant_loss(labels[fm_mask], target, rate)
@@ -113,6 +117,27 @@ class StudentLearner:
             margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
             self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss + margin
         self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
+
+    def judge(self, predictions: torch.Tensor) -> None:
+        """After the student has scored the window (before training on it), with fm_gate_against='student':
+        distill while the mix the distillation term pulls towards beats the student's own predictions."""
+        if self.judging is None:
+            return
+        y, target, mask = self.judging
+        self.judging = None
+        w = self.distill.w
+        p_s = predictions[mask].double().clamp(1e-7, 1 - 1e-7)
+        mix = ((p_s + w * torch.sigmoid(target.double())) / (1 + w)).clamp(1e-7, 1 - 1e-7)
+        yd = y.double()
+        nll_mix = -(yd * mix.log() + (1 - yd) * (1 - mix).log())
+        nll_s = -(yd * p_s.log() + (1 - yd) * (1 - p_s).log())
+        diff = nll_mix - nll_s
+        spread = math.sqrt(float(((diff - diff.mean()) ** 2).sum())) if len(diff) > 1 else 0.0
+        self.fm_record = [*self.fm_record, (float(nll_mix.sum()), float(nll_s.sum()), float(y.sum()), spread)]
+        self.fm_record = self.fm_record[-FM_GATE_MAX_WINDOWS:]
+        mix_loss, own_loss, spread = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+        margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
+        self.fm_trusted = not self.distill.fm_gate or mix_loss < own_loss + margin
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()

@@ -160,6 +160,7 @@ class TenantRun:
                 rows.label, rows.fm_logit, rows.fm_mask
             )  # every rank sees the whole window: same prior everywhere
             p = torch.cat([learner.predict(b) for b in rows.batches(EVAL_BATCH, self.features, self.dense)])
+            learner.judge(p)  # a gate judging the FM against the student reads its scores of the window
             out.update({f"{prefix}{k}": v for k, v in evaluate(y, p.numpy()).items() if k != "rows"})
         # The third candidate of the guard: the constant rate of the trailing windows trained on
         # (the first window: its own rate, as every fresh head starts there).

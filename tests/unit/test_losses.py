@@ -263,6 +263,12 @@ def test_variant_names_carry_their_own_knobs():
         variant("ah_sa@zz=1")
     with pytest.raises(ConfigError, match="knob=value"):
         variant("ah_sa@w")
+    # a list on the command line: a part with '=' and no '@' is one more knob of the variant before it
+    from exfm_ray.students.config import split_variants
+
+    assert split_variants(" vm_only,ah_sa@w=2, beta=0.5,kd_sa,kd_sa@fm_gate_z=2,") == [
+        "vm_only", "ah_sa@w=2,beta=0.5", "kd_sa", "kd_sa@fm_gate_z=2"
+    ]  # fmt: skip
 
 
 def test_adapter_start_is_shrunk_when_positives_are_few(world):
@@ -394,3 +400,30 @@ def test_a_gate_margin_distrusts_the_fm_only_when_it_loses_beyond_the_noise_of_i
                 learner.begin_window(y, fm, mask)
                 trusted[name].append(learner.fm_trusted)
         assert trusted == {DEFAULT_VARIANT: [False] * 3, margin: [False, False, not clear]}, (rate, fm_loss - flat)
+
+
+def test_a_gate_against_the_student_trusts_an_fm_whose_mix_beats_the_student(world):
+    """fm_gate_against='student' (off by default; docs/results.md, 'A gate that judges the FM against the
+    student'): the FM is trusted while the mix the distillation pulls towards, (p_student + w p_FM) / (1 + w),
+    beats the student's own scores of the window, even where the FM loses to the constant; an FM that is
+    confidently backwards is distrusted either way. Until the student has scored the window, nothing changes."""
+    spec, _ = world
+    y = (torch.arange(2000) % 10 == 0).float()  # 10% positives
+    mask = torch.ones_like(y, dtype=torch.bool)
+    ranks = torch.where(y > 0, 1.0, -0.5)  # ranks every row right, overconfident: loses to the constant
+    backwards = torch.where(y > 0, -4.0, 4.0)
+    unsure = torch.full_like(y, 0.5)  # the student's scores
+    trusted = {}
+    for name in (DEFAULT_VARIANT, f"{DEFAULT_VARIANT}@fm_gate_against=student"):
+        for label, fm in (("ranks", ranks), ("backwards", backwards)):
+            distill = variant(name)
+            learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+            learner.begin_window(y, fm, mask)
+            learner.judge(unsure)
+            trusted[(name.partition("@")[2] or "constant", label)] = learner.fm_trusted
+            learner.judge(torch.zeros_like(y))  # judged once per window: a second call changes nothing
+            assert learner.fm_trusted == trusted[(name.partition("@")[2] or "constant", label)]
+    assert trusted == {
+        ("constant", "ranks"): False, ("constant", "backwards"): False,
+        ("fm_gate_against=student", "ranks"): True, ("fm_gate_against=student", "backwards"): False,
+    }  # fmt: skip
