@@ -1,13 +1,9 @@
 """Gradient flow of the ExFM losses: who learns from what (exfm-method.md sections 5-7)."""
 
-import dataclasses
-
 import pytest
 import torch
 
-from exfm_ray.data.batching import WindowTensors
-from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
-from exfm_ray.students.config import DEFAULT_VARIANT, DistillConfig, StudentConfig, variant
+from exfm_ray.students.config import DistillConfig, StudentConfig, variant
 from exfm_ray.students.learner import StudentLearner
 from exfm_ray.students.losses import (
     adapter_loss,
@@ -22,15 +18,6 @@ from exfm_ray.students.losses import (
 from exfm_ray.students.model import build_student
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def world():
-    gen = SyntheticStream(SyntheticConfig(num_windows=2, rows_per_window=400, num_tenants=2))
-    stream = gen.stream()
-    rows = WindowTensors(stream.tenant_rows(1, "feed"), stream.spec)
-    rows.set_fm(torch.randn(rows.num_rows), torch.rand(rows.num_rows) > 0.3)
-    return stream.spec, rows
 
 
 def _batch(world, tenant="feed"):
@@ -291,139 +278,3 @@ def test_adapter_start_is_shrunk_when_positives_are_few(world):
         y[:positives] = 1.0
         gap = prior_logit(base_rate(y)) - 1.0
         assert offset == pytest.approx(gap * positives / (positives + 20), rel=1e-4)
-
-
-def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_rate(world):
-    from exfm_ray.students.learner import fm_and_constant_loss
-
-    spec, rows = world
-    b = _batch(world)
-    y = b.label
-    wrong = torch.where(y > 0, -4.0, 4.0)  # confidently backwards: worse than any constant
-    rate = float(y.mean())
-    good, flat, _ = fm_and_constant_loss(y, -wrong, rate)
-    bad, _, _ = fm_and_constant_loss(y, wrong, rate)
-    assert good < flat < bad
-    mask = torch.ones_like(y, dtype=torch.bool)
-    kd = {}
-    for gate in (True, False):
-        distill = variant("kd_sa" if gate else "kd_sa@fm_gate=false")
-        torch.manual_seed(0)
-        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-        learner.begin_window(y, wrong, mask)
-        assert learner.fm_trusted is not gate
-        parts = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
-        kd[gate] = parts["kd"]
-        assert parts["adapter"] > 0  # the adapter learns either way
-        for _ in range(3):  # later windows where the FM is good: trusted again once they outweigh the bad one
-            learner.begin_window(y, -wrong, mask)
-        assert learner.fm_trusted
-    assert kd[True] == 0.0 and kd[False] > 0.0
-    assert not variant("kd_single_head").fm_gate and not variant("ah_sa").fm_gate  # the paper's variants: off
-
-
-def test_platt_fit_recovers_a_known_recalibration_and_shrinks_a_thin_one():
-    from exfm_ray.students.calibration import platt_fit
-
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(20000, generator=g) * 2 - 3
-    y = (torch.rand(20000, generator=g) < torch.sigmoid(0.5 * f + 0.8)).float()
-    a, b = platt_fit(y, f)
-    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(0.8, abs=0.1)
-    thin = torch.zeros(300)
-    thin[int(torch.argmax(f[:300]))] = 1.0  # one positive, ranked first: nearly separable
-    loose, shrunk = platt_fit(thin, f[:300]), platt_fit(thin, f[:300], prior=5.0)
-    assert abs(shrunk[0] - 1) + abs(shrunk[1]) < abs(loose[0] - 1) + abs(loose[1])
-
-
-def test_fallback_calibration_trusts_a_ranking_fm_that_loses_only_by_its_calibration(world):
-    spec, _ = world
-    g = torch.Generator().manual_seed(1)
-    f = torch.randn(4000, generator=g) * 2 - 3
-    y = (torch.rand(4000, generator=g) < torch.sigmoid(0.4 * f - 1.5)).float()
-    overconfident = 3 * f + 4  # same ranking, far off in calibration: loses to the constant
-    mask = torch.ones_like(y, dtype=torch.bool)
-    seen = {}
-    for name in ("kd_sa", "kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback"):
-        distill = variant(name)
-        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-        learner.begin_window(y, overconfident, mask)
-        seen[name] = (learner.fm_trusted, learner.fm_affine)
-    assert seen["kd_sa"] == (False, (1.0, 0.0))
-    trusted, (a, b) = seen["kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback"]
-    assert trusted and a == pytest.approx(0.4 / 3, abs=0.05)
-    # ... and where the FM as it is beats the constant, it is distilled as it is
-    distill = variant("kd_sa@fm_gate_target=calibrated,fm_calibrate=fallback")
-    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-    learner.begin_window(y, 0.4 * f - 1.5, mask)
-    assert learner.fm_trusted and learner.fm_affine == (1.0, 0.0)
-
-
-def test_gate_evidence_is_the_newest_windows_holding_enough_positives():
-    import math
-
-    from exfm_ray.students.learner import pooled_evidence
-
-    # (fm loss, constant loss, positives, standard error of their difference)
-    record = [(10.0, 1.0, 40.0, 0.0), (1.0, 2.0, 5.0, 3.0), (1.0, 2.0, 30.0, 4.0)]
-    assert pooled_evidence(record, 30) == (1.0, 2.0, 4.0)  # the newest window alone holds 30
-    assert pooled_evidence(record, 35) == (2.0, 4.0, 5.0)  # windows' errors add in quadrature
-    assert pooled_evidence(record, 60) == (12.0, 5.0, 5.0)  # reaches back to the bad old window
-    assert pooled_evidence(record, 1000) == (12.0, 5.0, 5.0)  # fewer positives than asked: all of it
-    assert pooled_evidence([(0.0, 0.0, 1.0, 9.0)] * 5 + record, math.inf) == (12.0, 5.0, 5.0)  # inf: the last 3
-
-
-def test_a_gate_margin_distrusts_the_fm_only_when_it_loses_beyond_the_noise_of_its_positives(world):
-    """An FM that knows nothing (noise around the right rate) loses to the constant on every window.
-    On ~10 positives a window that loss is within noise: with fm_gate_z=2, once the gate has 3 windows
-    of record, the student distills (at ads rates the FM's ranking of the negatives is what helps,
-    docs/results.md); on ~1,000 positives the loss is clear: it does not. Before 3 windows, and in the
-    default gate (no margin), the FM is distrusted in both."""
-    from exfm_ray.priors import prior_logit
-    from exfm_ray.students.learner import fm_and_constant_loss
-
-    spec, _ = world
-    g = torch.Generator().manual_seed(2)
-    margin = f"{DEFAULT_VARIANT}@fm_gate_z=2"
-    for rate, clear in ((0.002, False), (0.2, True)):
-        y = (torch.rand(5000, generator=g) < rate).float()
-        fm = torch.randn(5000, generator=g) + prior_logit(rate)
-        fm_loss, flat, spread = fm_and_constant_loss(y, fm, float(y.mean()))
-        assert fm_loss > flat and spread > 0
-        mask = torch.ones_like(y, dtype=torch.bool)
-        trusted = {}
-        for name in (DEFAULT_VARIANT, margin):
-            distill = variant(name)
-            learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-            trusted[name] = []
-            for _ in range(3):
-                learner.begin_window(y, fm, mask)
-                trusted[name].append(learner.fm_trusted)
-        assert trusted == {DEFAULT_VARIANT: [False] * 3, margin: [False, False, not clear]}, (rate, fm_loss - flat)
-
-
-def test_a_gate_against_the_student_trusts_an_fm_whose_mix_beats_the_student(world):
-    """fm_gate_against='student' (off by default; docs/results.md, 'A gate that judges the FM against the
-    student'): the FM is trusted while the mix the distillation pulls towards, (p_student + w p_FM) / (1 + w),
-    beats the student's own scores of the window, even where the FM loses to the constant; an FM that is
-    confidently backwards is distrusted either way. Until the student has scored the window, nothing changes."""
-    spec, _ = world
-    y = (torch.arange(2000) % 10 == 0).float()  # 10% positives
-    mask = torch.ones_like(y, dtype=torch.bool)
-    ranks = torch.where(y > 0, 1.0, -0.5)  # ranks every row right, overconfident: loses to the constant
-    backwards = torch.where(y > 0, -4.0, 4.0)
-    unsure = torch.full_like(y, 0.5)  # the student's scores
-    trusted = {}
-    for name in (DEFAULT_VARIANT, f"{DEFAULT_VARIANT}@fm_gate_against=student"):
-        for label, fm in (("ranks", ranks), ("backwards", backwards)):
-            distill = variant(name)
-            learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
-            learner.begin_window(y, fm, mask)
-            learner.judge(unsure)
-            trusted[(name.partition("@")[2] or "constant", label)] = learner.fm_trusted
-            learner.judge(torch.zeros_like(y))  # judged once per window: a second call changes nothing
-            assert learner.fm_trusted == trusted[(name.partition("@")[2] or "constant", label)]
-    assert trusted == {
-        ("constant", "ranks"): False, ("constant", "backwards"): False,
-        ("fm_gate_against=student", "ranks"): True, ("fm_gate_against=student", "backwards"): False,
-    }  # fmt: skip
