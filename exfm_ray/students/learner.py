@@ -51,8 +51,10 @@ class StudentLearner:
         # the FM's labels recalibrated (fm_calibrate): logit -> a * logit + b, fitted on fm_rows
         self.fm_affine = (1.0, 0.0)
         self.fm_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: labels, FM logits
+        # labels, gate target, mask of the window begun, until `judge` (fm_gate_against='student')
         self.judging: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # per window: summed log loss of the FM, of that constant; positives
+        # per window: summed log loss of the FM (or of the mix `judge` scores), of what it must beat
+        # (the constant, or the student); positives; the standard error of the difference
         self.fm_record: list[tuple[float, float, float]] = []
 
     def begin_window(
@@ -90,14 +92,11 @@ class StudentLearner:
                 with torch.no_grad():
                     target = adapter(target)
         if labeled and self.distill.fm_gate_against == "student":
-            self.judging = (labels[fm_mask].clone(), target.detach().clone(), fm_mask.clone())  # see `judge`
+            self.judging = (labels[fm_mask], target.detach(), fm_mask)  # indexing copied them; see `judge`
         elif labeled:
             rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
-            positives = float(labels[fm_mask].sum())
-            fm_w, flat_w, spread_w = fm_and_constant_loss(labels[fm_mask], target, rate)
-            self.fm_record = [*self.fm_record, (fm_w, flat_w, positives, spread_w)]
-            self.fm_record = self.fm_record[-FM_GATE_MAX_WINDOWS:]
-            fm_loss, flat_loss, spread = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+            losses = fm_and_constant_loss(labels[fm_mask], target, rate)
+            fm_loss, flat_loss, spread = self._pool(losses, float(labels[fm_mask].sum()))
             calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
             if calibrated:
                 self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
@@ -111,11 +110,7 @@ class StudentLearner:
                     self.fm_affine = (a, b)
                 if self.distill.fm_gate_target == "calibrated" and not raw_wins:
                     fm_loss = fm_and_constant_loss(y, f * a + b, 0.5)[0] + PLATT_PENALTY
-            # Distrust the FM only when it loses by more than the noise of a few positives allows.
-            # ... and only once it has a record of FM_GATE_WINDOWS windows: an FM that has seen one or
-            # two windows of traffic gets no benefit of the doubt.
-            margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
-            self.fm_trusted = not self.distill.fm_gate or fm_loss < flat_loss + margin
+            self._trust_if(fm_loss, flat_loss, spread)
         self.seen = (self.seen[0] + len(labels), self.seen[1] + float(labels.sum()))
 
     def judge(self, predictions: torch.Tensor) -> None:
@@ -131,13 +126,20 @@ class StudentLearner:
         yd = y.double()
         nll_mix = -(yd * mix.log() + (1 - yd) * (1 - mix).log())
         nll_s = -(yd * p_s.log() + (1 - yd) * (1 - p_s).log())
-        diff = nll_mix - nll_s
-        spread = math.sqrt(float(((diff - diff.mean()) ** 2).sum())) if len(diff) > 1 else 0.0
-        self.fm_record = [*self.fm_record, (float(nll_mix.sum()), float(nll_s.sum()), float(y.sum()), spread)]
-        self.fm_record = self.fm_record[-FM_GATE_MAX_WINDOWS:]
-        mix_loss, own_loss, spread = pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+        self._trust_if(*self._pool(sums_and_spread(nll_mix, nll_s), float(y.sum())))
+
+    def _pool(self, losses: tuple[float, float, float], positives: float) -> tuple[float, float, float]:
+        """Record a window's (loss, rival loss, spread) and return the gate's pooled evidence."""
+        loss, rival, spread = losses
+        self.fm_record = [*self.fm_record, (loss, rival, positives, spread)][-FM_GATE_MAX_WINDOWS:]
+        return pooled_evidence(self.fm_record, self.distill.fm_gate_positives)
+
+    def _trust_if(self, loss: float, rival: float, spread: float) -> None:
+        # Distrust the FM only when it loses by more than the noise of a few positives allows.
+        # ... and only once it has a record of FM_GATE_WINDOWS windows: an FM that has seen one or
+        # two windows of traffic gets no benefit of the doubt.
         margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
-        self.fm_trusted = not self.distill.fm_gate or mix_loss < own_loss + margin
+        self.fm_trusted = not self.distill.fm_gate or loss < rival + margin
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()
@@ -237,6 +239,12 @@ def fm_and_constant_loss(labels: torch.Tensor, fm_logit: torch.Tensor, rate: flo
     flat = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.full_like(y, prior_logit(rate)), y, reduction="none"
     )
-    diff = (fm - flat).double()
+    return sums_and_spread(fm, flat)
+
+
+def sums_and_spread(loss: torch.Tensor, rival: torch.Tensor) -> tuple[float, float, float]:
+    """Sums of two per-row losses over the same rows, and the standard error of the difference of
+    the sums (rows independent)."""
+    diff = (loss - rival).double()
     spread = math.sqrt(float(((diff - diff.mean()) ** 2).sum())) if len(diff) > 1 else 0.0
-    return float(fm.sum()), float(flat.sum()), spread
+    return float(loss.sum()), float(rival.sum()), spread
