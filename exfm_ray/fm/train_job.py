@@ -169,14 +169,16 @@ def _save_and_publish(model, meta: FMVersion, storage: str, rank: int) -> FMVers
 def train_fm(cfg: FMTrainConfig, *, run_name: str | None = None) -> FMVersion | None:
     """Launch the TorchTrainer and wait; returns the new version (None: already up to date)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from exfm_ray.train_runs import torch_trainer
 
     registry = FMRegistry(cfg.storage)
     base = registry.current() if cfg.incremental else None
     if base is not None and cfg.through_window is not None and base.through_window >= cfg.through_window:
         return None
     run = run_name or f"fm-train-{int(time.time() * 1000)}"
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),

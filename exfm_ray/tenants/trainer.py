@@ -307,11 +307,13 @@ def _allreduce_mean(params: list) -> None:
 def build_tenant_trainer(run_cfg: TenantRunConfig):
     """The TorchTrainer of one run: its own workers and resources, sized by its lead tenant."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from exfm_ray.train_runs import torch_trainer
 
     cfg = run_cfg.lead.config
     registry = TenantRegistry(run_cfg.storage)
-    return TorchTrainer(
+    return torch_trainer(
         train_loop,
         train_loop_config={"run": run_cfg.model_dump(mode="json")},
         torch_config=TorchConfig(backend="gloo"),
