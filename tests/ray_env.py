@@ -8,4 +8,7 @@ TEST_CLUSTER_ENV = {
     # The preemption watcher (an actor polling for spot-instance notices) has nothing to watch on this
     # machine; its 11 processes took 39 CPU-seconds of the suite (measured, stop 28).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # No usage reporting from a test cluster (no network to send it to): Ray Data would otherwise start a
+    # detached actor per cluster to collect it, one more process importing ray.data.
+    "RAY_USAGE_STATS_ENABLED": "0",
 }

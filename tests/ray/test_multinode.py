@@ -1,26 +1,37 @@
 """A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a raylet per node),
-its node types declared by the custom resources of cluster.yaml. The whole loop is submitted
-through the Jobs API, as `ray job submit` does, and every actor that asked for a node type's
-resource is found on a node of that type (issue 17)."""
+its node types declared by the custom resources of cluster.yaml. The whole loop (`exfm run`: FM
+training job -> FM group -> DAS -> tenant runs -> Ray Serve over HTTP -> report) is submitted
+through the Jobs API, as `ray job submit` does, and loses a worker node while it runs; then every
+actor that asked for a node type's resource is found on a node of that type (issue 17). The same
+run is checked end to end: every row augmented once per example, the served students, the LoopFM
+store, the report; a second job continues it and redoes nothing."""
 
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from exfm_ray.serving.deploy import free_port
+from tests.multinode_helpers import (
+    NODE_TYPES,
+    REPO,
+    TENANTS,
+    assert_each_part_on_its_node_type,
+    node_types,
+    pipeline_config,
+    report_json,
+    submit,
+    wait,
+)
 from tests.ray_env import TEST_CLUSTER_ENV
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
-# Node types as in cluster.yaml: the FM (training job + group), tenant trainers and the DAS, Serve.
-NODE_TYPES = {"fm_shard": {"num_cpus": 4, "amount": 4}, "student_pool": {"num_cpus": 3, "amount": 3},
-              "serve_pool": {"num_cpus": 1, "amount": 1}}  # fmt: skip
+WINDOWS = 6
 
 
 def test_the_test_cluster_declares_the_node_types_of_cluster_yaml():
@@ -56,112 +67,17 @@ def cluster():
         env.undo()
 
 
-def _config(windows: int, serve_port: int) -> dict:
-    """The whole loop, each part pinned to its node type by the custom resources of cluster.yaml. On a
-    cluster the students stay served after a job: the next job's app replaces this one (same name)."""
-    return {
-        "source": {"synthetic": {"num_windows": windows, "rows_per_window": 4000, "num_tenants": 2}},
-        "fm": {"size": 1, "batch_size": 128},
-        "fm_resources": {"fm_shard": 1},
-        "tenants": [{"name": n, "rows": [n], "resources_per_worker": {"student_pool": 1}} for n in ("feed", "stories")],
-        "das_resources": {"student_pool": 0.1},
-        "serve": {"port": serve_port, "app_name": "students_multinode", "replica_cpus": 0.5,
-                  "replica_resources": {"serve_pool": 0.5}, "reload_interval_s": 0.5},
-        "latency_requests": 10,
-        "sample_rows": 8,
-        # One FM rank and one tenant run: placement and the node kill are what is asserted here; each
-        # more run or rank is a process importing torch on this 2-core machine.
-        "fm_workers": 1,
-        "fm_shards": 1,
-        "max_concurrent_tenants": 1,
-    }  # fmt: skip
-
-
-def _submit(dashboard: str, config: dict, folder: Path):
-    """`ray job submit -- python -m jobs.pipeline --config ... --storage ...` through the Jobs API."""
-    from ray.job_submission import JobSubmissionClient
-
-    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    client = JobSubmissionClient(dashboard)
-    deadline = time.monotonic() + 60
-    while True:  # the head's job agent answers a few seconds after the cluster is up
-        try:
-            job = client.submit_job(
-                entrypoint=f"{sys.executable} -m jobs.pipeline --config {folder / 'pipeline.yaml'} "
-                f"--storage {folder / 'store'}",
-                runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-            )
-            return client, job
-        except RuntimeError as exc:
-            assert "No available agent" in str(exc) and time.monotonic() < deadline, exc
-            time.sleep(2)
-
-
-def _wait(client, job, timeout_s: float = 600) -> str:
-    from ray.job_submission import JobStatus
-
-    deadline = time.monotonic() + timeout_s
-    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(0.5)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    return logs
-
-
-def _served(logs: str, last: int) -> None:
-    serving = logs.split("## Serving", 1)[-1]
-    for tenant in ("feed", "stories"):  # served, and checked against the in-process student
-        assert f"| {tenant} | g1-w{last:04d} |" in serving, logs[-3000:]
-
-
-def _node_types(address: str) -> dict[str, str]:
-    """Node id -> its node type (the custom resource it declares), from that cluster's state API."""
-    from ray.util.state import list_nodes
-
-    types = {}
-    for node in list_nodes(address=address, detail=True):
-        kinds = [r for r in NODE_TYPES if r in node.resources_total]
-        types[node.node_id] = kinds[0] if kinds else "head"
-    return types
-
-
-def _assert_each_part_on_its_node_type(address: str, node_type: dict[str, str]) -> None:
-    """Every actor that asked for a node type's resource ran on a node of that type (the killed one
-    included: `node_type` was read while it lived)."""
-    from ray.util.state import list_actors
-
-    placed = {}  # (class, resource it asked for) -> node types it ran on
-    for actor in list_actors(address=address, detail=True, limit=10_000):
-        # In a placement group the resource is renamed <name>_group_<pg id>: match the prefix.
-        asked = [r for r in NODE_TYPES if any(k.startswith(r) for k in actor.required_resources or {})]
-        for resource in asked:
-            placed.setdefault((actor.class_name, resource), set()).add(node_type.get(actor.node_id, "unknown"))
-    for (cls, resource), types in placed.items():
-        assert types == {resource}, f"{cls} asked for {resource} and ran on {types}"
-    classes = {resource: {cls for cls, r in placed if r == resource} for resource in NODE_TYPES}
-    assert "FMShard" in classes["fm_shard"] and "RayTrainWorker" in classes["fm_shard"], placed  # group + training
-    assert "RayTrainWorker" in classes["student_pool"], placed  # tenant runs
-    assert any("DASWorker" in cls for cls in classes["student_pool"]), placed  # the DAS workers
-    assert any(cls.startswith("ServeReplica") for cls in classes["serve_pool"]), placed
-
-
-def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worker_node_kill(cluster, tmp_path):
-    """The whole loop submitted through the Jobs API (as `ray job submit` does), each part pinned to
-    its node type. A second student_pool node joins; once the tenant runs are training and Serve
-    answers, the node holding a tenant's Ray Train worker is killed (no graceful drain) while a
-    client keeps asking Serve. Ray Train restarts the run's workers on the node left, the tenants resume from
-    their state files, the DAS's workers are rebuilt, Serve answers >= 99% of the requests sent
-    during the kill, and the job ends with every window committed whole and trained once by every
-    tenant. Then every actor that asked for a node type's resource is found to have run on a node
-    of that type (the state API), the killed node included."""
+@pytest.fixture(scope="module")
+def killed_run(cluster, tmp_path_factory):
+    """The whole loop submitted through the Jobs API, each part pinned to its node type. A second
+    student_pool node joins; once the tenant runs are training and Serve answers, the node holding a
+    tenant's Ray Train worker is killed (no graceful drain) while a client keeps asking Serve."""
     import asyncio
     import threading
 
     from ray.util.state import list_actors
 
     from exfm_ray.bench.http_load import concurrent, post_until
-    from exfm_ray.das.store import AugmentedStore
     from exfm_ray.students.store import StudentStore
     from exfm_ray.tenants.registry import TenantRegistry
     from tests.serving_helpers import rows_for
@@ -170,11 +86,12 @@ def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worke
     c.add_node(num_cpus=NODE_TYPES["student_pool"]["num_cpus"], resources={"student_pool": 3},
                dashboard_agent_listen_port=free_port())  # fmt: skip
     c.wait_for_nodes()
-    windows, storage = 6, tmp_path / "store"
-    client, job = _submit(dashboard, _config(windows, serve_port), tmp_path)
+    folder = tmp_path_factory.mktemp("jobs_api")
+    config, storage = pipeline_config(WINDOWS, serve_port), folder / "store"
+    client, job = submit(dashboard, config, folder)
     registry = TenantRegistry(storage)
     deadline = time.monotonic() + 400
-    while not all(registry.history(n) for n in ("feed", "stories")):
+    while not all(registry.history(n) for n in TENANTS):
         status = client.get_job_status(job)
         assert time.monotonic() < deadline and status in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
         time.sleep(1)
@@ -190,10 +107,8 @@ def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worke
     assert victims, [(a.class_name, a.node_id, a.required_resources) for a in alive]
     # The supervisors run beside the job's driver, on the head: not lost with a worker node (they were).
     where = {a.class_name: a.node_id for a in alive if a.class_name in ("JobSupervisor", "TenantManager", "FMGroup")}
-    assert set(where.values()) == {c.head_node.node_id}, where
-    node_type = _node_types(dashboard)  # read while the node to be killed lives
-    trained = {n: len(registry.history(n)) for n in ("feed", "stories")}
-    assert min(trained.values()) < windows, "trained every window before the kill: the test would prove nothing"
+    node_type = node_types(dashboard)  # read while the node to be killed lives
+    trained = {n: len(registry.history(n)) for n in TENANTS}
     loader.start()
     time.sleep(3)
     killed_at = time.monotonic()
@@ -203,17 +118,127 @@ def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worke
         time.sleep(0.5)
     resumed = time.monotonic() - killed_at
     loader.join()
-    got = load["got"]
+    logs = wait(client, job)
     print(f"node killed with {trained} windows trained; every tenant trained its next one {resumed:.1f} s later; "
-          f"Serve during the kill: {got.ok} of {got.total} requests answered 200")  # fmt: skip
+          f"Serve during the kill: {load['got'].ok} of {load['got'].total} requests answered 200")  # fmt: skip
+    report = json.loads(report_json(logs).read_text())
+    return {"config": config, "folder": folder, "storage": storage, "logs": logs, "report": report,
+            "load": load["got"], "trained": trained, "supervisors": where, "head": c.head_node.node_id,
+            "node_type": node_type, "dashboard": dashboard}  # fmt: skip
+
+
+def test_the_pipeline_through_the_jobs_api_places_each_part_and_survives_a_worker_node_kill(killed_run):
+    """Ray Train restarts the killed run's workers on the node left, the tenants resume from their state
+    files, the DAS's workers are rebuilt, Serve answers >= 99% of the requests sent during the kill, and
+    the job ends with every window committed whole and trained once by every tenant. Then every actor
+    that asked for a node type's resource is found to have run on a node of that type (the state API)."""
+    from exfm_ray.das.store import AugmentedStore
+    from exfm_ray.tenants.registry import TenantRegistry
+
+    run = killed_run
+    assert set(run["supervisors"].values()) == {run["head"]}, run["supervisors"]
+    assert min(run["trained"].values()) < WINDOWS, "trained every window before the kill: the test would prove nothing"
+    got = run["load"]
     assert got.total > 100 and got.success_rate >= 0.99, (dict(got.statuses), dict(got.failures))
-    _served(_wait(client, job), windows - 1)
-    records = AugmentedStore(storage).records()
-    assert sorted(records) == list(range(windows))
+    serving = run["logs"].split("## Serving", 1)[-1]
+    for tenant in TENANTS:  # served, and checked against the in-process student
+        assert f"| {tenant} | g1-w{WINDOWS - 1:04d} |" in serving, run["logs"][-3000:]
+    records = AugmentedStore(run["storage"]).records()
+    assert sorted(records) == list(range(WINDOWS))
     assert all(r.output_rows == r.input_rows for r in records.values())
-    for tenant in ("feed", "stories"):
-        assert [r["window"] for r in registry.history(tenant)] == list(range(windows)), tenant
-    _assert_each_part_on_its_node_type(dashboard, node_type)
+    for tenant in TENANTS:
+        assert [r["window"] for r in TenantRegistry(run["storage"]).history(tenant)] == list(range(WINDOWS)), tenant
+    assert_each_part_on_its_node_type(run["dashboard"], run["node_type"])
+
+
+def test_every_row_is_augmented_once_per_example_and_every_window_trained(killed_run):
+    from exfm_ray.das.store import AugmentedStore
+    from exfm_ray.data.stream import window_dir
+    from exfm_ray.fm.registry import FMRegistry
+
+    storage, report = killed_run["storage"], killed_run["report"]
+    records = AugmentedStore(storage).records()
+    for t, rec in records.items():
+        ids = pq.read_table(window_dir(f"{storage}/stream", t), columns=["example_id"]).column("example_id")
+        assert rec.input_rows == rec.output_rows == len(ids)
+        unique = len(set(ids.to_pylist()))
+        assert rec.fm_calls == (0 if t < report["fm_delay"] else unique) and unique < len(ids)  # once per example
+    assert records[0].masked_rows == records[0].input_rows  # no FM before the first window
+    assert all(records[t].fm_calls > 0 and records[t].masked_rows == 0 for t in range(1, WINDOWS))
+    versions = FMRegistry(storage).versions()
+    assert [v.through_window for v in versions] == list(range(WINDOWS - 1))  # one per window, streaming
+    for tenant, h in report["windows"].items():
+        assert [r["window"] for r in h] == list(range(WINDOWS)), tenant
+
+
+def test_served_students_answer_like_the_in_process_students(killed_run):
+    from exfm_ray.students.store import StudentStore
+
+    served, store = killed_run["report"]["serving"]["tenants"], StudentStore(killed_run["storage"])
+    assert sorted(served) == sorted(TENANTS)
+    for tenant, s in served.items():
+        assert s["version"] == store.latest(tenant).version == f"g1-w{WINDOWS - 1:04d}"
+        assert s["rows"] == killed_run["config"]["sample_rows"] and s["max_abs_diff"] < 1e-5
+        assert 0 < s["p50_ms"] <= s["p99_ms"]
+    # the LoopFM tenant is answered from the newest store version (the parity above used it too)
+    assert served["stories"]["store_version"] == WINDOWS - 1 and served["feed"]["store_version"] is None
+
+
+def test_the_loopfm_store_has_one_version_per_window_read_one_window_late(killed_run):
+    from exfm_ray.loopfm.builder import store_root
+    from exfm_ray.loopfm.store import StoreReader
+
+    report = killed_run["report"]
+    manifest = StoreReader.open(store_root(killed_run["storage"])).manifest()
+    assert sorted(int(t) for t in manifest) == list(range(WINDOWS))
+    assert manifest["0"].entities == {"user_id": 0} and manifest[str(WINDOWS - 1)].entities["user_id"] > 0
+    assert sum("LoopFM store version" in line for line in killed_run["logs"].splitlines()) == WINDOWS
+    # each window of the LoopFM tenant read the version before it, never its own
+    assert [r.get("store_version") for r in report["windows"]["stories"]] == [None, *range(WINDOWS - 1)]
+    assert all("store_version" not in r for r in report["windows"]["feed"])
+
+
+def test_report_shows_the_fm_helping_the_students(killed_run):
+    from exfm_ray.students.guard import NE_KEY
+
+    report = killed_run["report"]
+    overall = report["all_tenants"]
+    assert overall["ne_mean"] < overall["control_ne_mean"]  # ExFM column below the student-alone column
+    # the guard's served model, beside the ExFM student and the control, per tenant and overall
+    for name, s in [*report["tenants"].items(), ("all", overall)]:
+        assert 0 < s["served_ne_mean"] < 2 and "transfer_ratio" in s, name
+        assert sum(s["served"].values()) > 0 and set(s["served"]) <= set(NE_KEY), name
+    for h in report["windows"].values():
+        for r in h:  # each window scores what the guard had published after the window before
+            assert r["served_ne"] == r[NE_KEY[r["served"]]] and r["guard_reason"], r
+    text = report_json(killed_run["logs"]).with_name("report.md").read_text()
+    assert "| all tenants |" in text and "FM calls" in text
+    system = {r["window"]: r for r in report["system"]}
+    assert system[0]["staleness_h"] is None and 0 < system[WINDOWS - 1]["staleness_h"] < 24
+    assert all(r["fm_calls_per_row"] < 1 for t, r in system.items() if t >= report["fm_delay"])  # shared examples
+
+
+def test_a_second_job_continues_the_run_and_redoes_nothing(killed_run, cluster):
+    """The same job submitted again: every window is already augmented, every tenant through the last
+    window (no Ray Train run started for nothing), no FM or LoopFM store version written again."""
+    from exfm_ray.fm.registry import FMRegistry
+    from exfm_ray.loopfm.builder import store_root
+
+    storage, report = killed_run["storage"], killed_run["report"]
+    versions = [v.version for v in FMRegistry(storage).versions()]
+    loop_manifest = (store_root(storage) / "manifest.json").read_text()
+    logs = wait(*submit(cluster[1], killed_run["config"], killed_run["folder"]))
+    lines = logs.splitlines()
+    assert (store_root(storage) / "manifest.json").read_text() == loop_manifest  # no version rewritten
+    assert not any("LoopFM store version" in line for line in lines)
+    assert sum("already augmented" in line for line in lines) == WINDOWS
+    assert sorted(line for line in lines if line.startswith("tenant ")) == [
+        f"tenant {n}: finished, 0 run start(s)" for n in sorted(TENANTS)
+    ]
+    assert [v.version for v in FMRegistry(storage).versions()] == versions
+    again = json.loads(report_json(logs).read_text())
+    assert {n: len(h) for n, h in again["windows"].items()} == {n: len(h) for n, h in report["windows"].items()}
+    assert again["all_tenants"]["ne_mean"] == pytest.approx(report["all_tenants"]["ne_mean"])
 
 
 def test_the_fm_node_killed_the_group_rebuilds_when_a_node_joins_and_the_das_waits(cluster, tmp_path):
