@@ -55,7 +55,7 @@ class StudentLearner:
         self.judging: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # per window: summed log loss of the FM (or of the mix `judge` scores), of what it must beat
         # (the constant, or the student); positives; the standard error of the difference
-        self.fm_record: list[tuple[float, float, float]] = []
+        self.fm_record: list[tuple[float, float, float, float]] = []
 
     def begin_window(
         self, labels: torch.Tensor, fm_logit: torch.Tensor | None = None, fm_mask: torch.Tensor | None = None

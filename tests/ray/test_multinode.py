@@ -218,7 +218,7 @@ def test_report_shows_the_fm_helping_the_students(killed_run):
     assert all(r["fm_calls_per_row"] < 1 for t, r in system.items() if t >= report["fm_delay"])  # shared examples
 
 
-def test_a_second_job_continues_the_run_and_redoes_nothing(killed_run, cluster):
+def test_a_second_job_continues_the_run_and_redoes_nothing(killed_run):
     """The same job submitted again: every window is already augmented, every tenant through the last
     window (no Ray Train run started for nothing), no FM or LoopFM store version written again."""
     from exfm_ray.fm.registry import FMRegistry
@@ -227,7 +227,7 @@ def test_a_second_job_continues_the_run_and_redoes_nothing(killed_run, cluster):
     storage, report = killed_run["storage"], killed_run["report"]
     versions = [v.version for v in FMRegistry(storage).versions()]
     loop_manifest = (store_root(storage) / "manifest.json").read_text()
-    logs = wait(*submit(cluster[1], killed_run["config"], killed_run["folder"]))
+    logs = wait(*submit(killed_run["dashboard"], killed_run["config"], killed_run["folder"]))
     lines = logs.splitlines()
     assert (store_root(storage) / "manifest.json").read_text() == loop_manifest  # no version rewritten
     assert not any("LoopFM store version" in line for line in lines)

@@ -1,8 +1,4 @@
 import pytest
-import torch
-
-from exfm_ray.data.batching import WindowTensors
-from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +15,11 @@ def _no_ray(monkeypatch):
 @pytest.fixture(scope="module")
 def world():
     """A small synthetic stream and one tenant window with random FM columns (students' unit tests)."""
+    import torch
+
+    from exfm_ray.data.batching import WindowTensors
+    from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+
     gen = SyntheticStream(SyntheticConfig(num_windows=2, rows_per_window=400, num_tenants=2))
     stream = gen.stream()
     rows = WindowTensors(stream.tenant_rows(1, "feed"), stream.spec)
