@@ -125,6 +125,14 @@ class DistillConfig(Config):
         "amount). With a handful of positives a window, losing by log loss is mostly noise while the FM's "
         "ranking still teaches; off by default (docs/results.md, 'The FM gate').",
     )
+    fm_gate_floor: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the FM terms' weights (w, w_sa, w_serving) kept in windows the FM gate distrusts: "
+        "0, the default, learns from labels alone there; 0.5 halves the distillation instead. Off by default "
+        "(docs/results.md, 'A floor under the FM gate').",
+    )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",
         description="What the FM gate judges: the FM's own label, the adapted label (as the adapter stands before "

@@ -164,10 +164,18 @@ class StudentLearner:
             if t_sa is None:
                 with torch.no_grad():
                     t_sa = torch.sigmoid(adapter(batch.fm_logit))
-        # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics)
+        # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics),
+        # or with fm_gate_floor are distilled at that share of their weight
         out = self.model(batch.sparse, batch.dense, batch.history)
-        mask = batch.fm_mask if self.fm_trusted else torch.zeros_like(batch.fm_mask)
-        loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, self.distill)
+        mask, distill = batch.fm_mask, self.distill
+        if not self.fm_trusted and distill.fm_gate_floor > 0:
+            f = distill.fm_gate_floor
+            distill = distill.model_copy(
+                update={"w": distill.w * f, "w_sa": distill.w_sa * f, "w_serving": distill.w_serving * f}
+            )
+        elif not self.fm_trusted:
+            mask = torch.zeros_like(batch.fm_mask)
+        loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, distill)
         self.vm_opt.zero_grad()
         loss.backward()
         if self.grad_sync is not None:

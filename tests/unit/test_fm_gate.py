@@ -147,3 +147,25 @@ def test_a_gate_against_the_student_trusts_an_fm_whose_mix_beats_the_student(wor
         ("constant", "ranks"): False, ("constant", "backwards"): False,
         ("fm_gate_against=student", "ranks"): True, ("fm_gate_against=student", "backwards"): False,
     }  # fmt: skip
+
+
+def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows(world):
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y = b.label
+    wrong = torch.where(y > 0, -4.0, 4.0)  # loses to any constant: the gate distrusts it
+    mask = torch.ones_like(y, dtype=torch.bool)
+    out = {}
+    for floor in (0.0, 0.5, 1.0):
+        distill = variant(f"kd_sa@fm_gate_floor={floor}")
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, wrong, mask)
+        assert not learner.fm_trusted
+        parts = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
+        out[floor] = (parts["total"] - parts["serving"], parts["kd"])
+    assert out[0.0][0] == pytest.approx(0.0, abs=1e-6) and out[0.0][1] == 0.0
+    kd = out[1.0][1]
+    assert kd > 0 and out[0.5][1] == pytest.approx(kd)  # same target and start: the same term...
+    assert out[0.5][0] == pytest.approx(0.5 * kd, rel=1e-5) and out[1.0][0] == pytest.approx(kd, rel=1e-5)  # ...weighed
+    assert variant(DEFAULT_VARIANT).fm_gate_floor == 0.0
