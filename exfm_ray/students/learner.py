@@ -56,6 +56,11 @@ class StudentLearner:
         # per window: summed log loss of the FM (or of the mix `judge` scores), of what it must beat
         # (the constant, or the student); positives; the standard error of the difference
         self.fm_record: list[tuple[float, float, float, float]] = []
+        # what the VM step distills with in a window the gate distrusts (fm_gate_floor > 0)
+        f = distill.fm_gate_floor
+        self.floored = distill.model_copy(
+            update={"w": distill.w * f, "w_sa": distill.w_sa * f, "w_serving": distill.w_serving * f}
+        )
 
     def begin_window(
         self, labels: torch.Tensor, fm_logit: torch.Tensor | None = None, fm_mask: torch.Tensor | None = None
@@ -167,13 +172,8 @@ class StudentLearner:
         # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics),
         # or with fm_gate_floor are distilled at that share of their weight
         out = self.model(batch.sparse, batch.dense, batch.history)
-        mask, distill = batch.fm_mask, self.distill
-        if not self.fm_trusted and distill.fm_gate_floor > 0:
-            f = distill.fm_gate_floor
-            distill = distill.model_copy(
-                update={"w": distill.w * f, "w_sa": distill.w_sa * f, "w_serving": distill.w_serving * f}
-            )
-        elif not self.fm_trusted:
+        mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
+        if not self.fm_trusted and self.distill.fm_gate_floor == 0:
             mask = torch.zeros_like(batch.fm_mask)
         loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, distill)
         self.vm_opt.zero_grad()
