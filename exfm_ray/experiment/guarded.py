@@ -1,9 +1,10 @@
 """What the do-no-harm guard would have served in an experiment, from its records.
 
 The experiment trains every variant of a seed from the same initial weights on the same batches,
-so its `vm_only` student is exactly the ExFM student's control twin. Each window, the guard's
-served model is the candidate (ExFM student, control, constant base rate) with the lowest
-trailing NE before that window (`students/guard.py`, the rule the tenant trainers apply).
+so its `vm_only` student is exactly the ExFM student's control twin, and `blend` (the mean of the
+two students' probabilities, recorded by the runner) is the guard's blend. Each window, the
+guard's served model is the candidate (ExFM student, blend, control, constant base rate) with the
+lowest trailing NE before that window (`students/guard.py`, the rule the tenant trainers apply).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections import defaultdict
 import numpy as np
 
 from exfm_ray.metrics import evaluate
-from exfm_ray.students.guard import CANDIDATES, decide, pooled_ne, trailing_base_rate
+from exfm_ray.students.guard import CANDIDATES, LOG_LOSS_KEY, decide, pooled_ne, trailing_base_rate
 
 BASE_RATE = "base_rate"
+BLEND = "blend"
 CONTROL = "vm_only"
 
 
@@ -43,20 +45,20 @@ def guarded_records(records: list[dict], exfm_variant: str, trailing: int) -> li
     by_key: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
         by_key[(r["seed"], r["tenant"])][r["window"]][r["variant"]] = r
-    names = {"exfm": exfm_variant, "control": CONTROL, "base_rate": BASE_RATE}
+    names = {"exfm": exfm_variant, "blend": BLEND, "control": CONTROL, "base_rate": BASE_RATE}
     out = []
     for _, windows in sorted(by_key.items()):
         history: list[dict] = []
         for t in sorted(windows):
             cell = windows[t]
-            if any(names[c] not in cell for c in CANDIDATES):
+            if any(names[c] not in cell for c in CANDIDATES if c != "blend"):
                 continue
             served = decide(history, trailing).serve if history else "exfm"
             out.append({**cell[names[served]], "variant": f"{exfm_variant}+guard", "served": served})
             merged = {"window": t, "rows": cell[exfm_variant]["rows"], "positives": cell[exfm_variant]["positives"]}
             for c in CANDIDATES:
-                prefix = "" if c == "exfm" else f"{c}_"
-                merged[f"{prefix}log_loss"] = cell[names[c]]["log_loss"]
+                if names[c] in cell:  # without a blend record, the guard of three candidates
+                    merged[LOG_LOSS_KEY[c]] = cell[names[c]]["log_loss"]
             history.append(merged)
     return out
 

@@ -20,7 +20,7 @@ from exfm_ray.data.sources import load_stream
 from exfm_ray.data.stream import Stream
 from exfm_ray.errors import ConfigError
 from exfm_ray.experiment.config import ExperimentConfig
-from exfm_ray.experiment.guarded import CONTROL, base_rate_records, guarded_records
+from exfm_ray.experiment.guarded import BLEND, CONTROL, base_rate_records, guarded_records
 from exfm_ray.fm.learner import FMLearner, head_logit
 from exfm_ray.fm.model import build_fm, count_parameters
 from exfm_ray.fm.registry import window_labeled_by
@@ -79,9 +79,20 @@ def run_experiment(
                 part.rows.set_fm(logit, torch.ones(len(part.index), dtype=torch.bool))
                 records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
         for name in spec.tenant_names:
+            preds: dict[str, dict[int, torch.Tensor]] = {v: {} for v in (DEFAULT_VARIANT, CONTROL) if v in cfg.variants}
             for v in cfg.variants:
-                records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim)
+                records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim, preds.get(v))
+            records += _blend_records(seed, name, parts, preds)
     return records + _guard_records(cfg, parts, records)
+
+
+def _blend_records(seed: int, tenant: str, parts: list[dict[str, TenantWindow]], preds: dict) -> list[dict]:
+    """The guard's blend candidate: the mean of the default variant's and vm_only's probabilities
+    (both trained from the same initial weights on the same batches), when both ran."""
+    if DEFAULT_VARIANT not in preds or CONTROL not in preds:
+        return []
+    a, b = preds[DEFAULT_VARIANT], preds[CONTROL]
+    return [_record(seed, BLEND, tenant, t, parts[t][tenant].rows.label, 0.5 * (a[t] + b[t])) for t in sorted(a)]
 
 
 def _guard_records(cfg: ExperimentConfig, parts: list[dict[str, TenantWindow]], records: list[dict]) -> list[dict]:
@@ -141,7 +152,9 @@ def _run_student(
     tenant: str,
     progress: Progress | None,
     fm_dim: int = 0,
+    preds: dict[int, torch.Tensor] | None = None,
 ) -> list[dict]:
+    """The variant's records per window; `preds`, if given, receives its probabilities per window."""
     spec = stream.spec
     distill = variant(variant_name, **cfg.knobs.model_dump())
     # Same init for every variant of a seed: the training-only heads are built after the shared parts.
@@ -153,9 +166,11 @@ def _run_student(
         if tenant in by_tenant:
             rows = by_tenant[tenant].rows
             learner.begin_window(rows.label, rows.fm_logit, rows.fm_mask)
-            preds = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
-            learner.judge(preds)
-            out.append(_record(seed, variant_name, tenant, t, rows.label, preds))
+            p = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
+            learner.judge(p)
+            out.append(_record(seed, variant_name, tenant, t, rows.label, p))
+            if preds is not None:
+                preds[t] = p
             for b in rows.batches(cfg.student.batch_size, features, dense):
                 learner.step(b)
         if progress:

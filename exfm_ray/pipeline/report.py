@@ -103,8 +103,9 @@ def markdown(report: dict) -> str:
         "",
         "## Students: ExFM vs the same student alone, and what the guard served (NE, lower is better)",
         "",
-        "The guard serves, after each window, whichever of the ExFM student, the student alone and the "
-        "constant base rate had the lowest NE over the trailing windows. TR = transfer ratio: the share of "
+        "The guard serves, after each window, whichever of the ExFM student, the student alone, their "
+        "blend (mean probability) and the constant base rate had the lowest NE over the trailing windows. "
+        "TR = transfer ratio: the share of "
         "the FM's gain over the student alone that the ExFM student captures.",
         "",
         "| tenant | NE ExFM | NE alone | change | NE served | served windows | FM NE | TR | AUC ExFM |",

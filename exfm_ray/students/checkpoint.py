@@ -1,7 +1,8 @@
 """Student checkpoints: the serving path's weights plus the metadata needed to rebuild and trust it.
 
-A checkpoint folder holds `serving.pt` (state dict of ServingStudent: no aux head, no adapter)
-and `meta.json` (StudentMeta). Training state (optimizer, aux heads, adapter) is saved separately
+A checkpoint folder holds `serving.pt` (state dict of ServingStudent: no aux head, no adapter;
+where the guard served the blend, of BlendServing: both students' serving paths) and `meta.json`
+(StudentMeta). Training state (optimizer, aux heads, adapter) is saved separately
 by the trainers that resume; serving never loads it.
 """
 
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 
 from exfm_ray.students.meta import META_FILE, StudentMeta, read_meta
-from exfm_ray.students.model import ServingStudent, Student, serving_parts
+from exfm_ray.students.model import BlendServing, ServingStudent, Student, serving_parts
 
 SERVING_FILE = "serving.pt"
 
 
-def save_student(student: Student | ServingStudent, meta: StudentMeta, path: str | Path) -> Path:
+def save_student(student: Student | ServingStudent | BlendServing, meta: StudentMeta, path: str | Path) -> Path:
     """Write the serving checkpoint atomically: a reader sees the old folder or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,13 +37,18 @@ def save_student(student: Student | ServingStudent, meta: StudentMeta, path: str
     return path
 
 
-def load_serving(path: str | Path) -> tuple[ServingStudent, StudentMeta]:
+def load_serving(path: str | Path) -> tuple[ServingStudent | BlendServing, StudentMeta]:
     """Rebuild the serving model from a checkpoint: only the serving path's classes are used."""
     meta = read_meta(path)
     cards = {f.name: f.cardinality for f in meta.features}
     multi = {f.name for f in meta.features if f.multi_valued}
-    parts = serving_parts([f.name for f in meta.features], cards, multi, len(meta.dense), meta.student, meta.fm_dim)
-    model = ServingStudent(*parts)
+
+    def build(fm_dim: int) -> ServingStudent:
+        names = [f.name for f in meta.features]
+        return ServingStudent(*serving_parts(names, cards, multi, len(meta.dense), meta.student, fm_dim))
+
+    # the blend's control twin never reads LoopFM histories
+    model = BlendServing(build(meta.fm_dim), build(0)) if meta.served == "blend" else build(meta.fm_dim)
     model.load_state_dict(torch.load(Path(path) / SERVING_FILE, weights_only=True))
     model.eval()
     return model, meta

@@ -28,7 +28,9 @@ class StudentMeta(Config):
     metrics: dict[str, float | None] = Field(default_factory=dict, description="Evaluation metrics at export.")
     variant: str = Field(DEFAULT_VARIANT, description="Distillation variant used in training.")
     served: str = Field(
-        "exfm", description="Which model the guard published: exfm (the ExFM student), control or base_rate."
+        "exfm",
+        description="Which model the guard published: exfm (the ExFM student), blend (the mean of its and the "
+        "control's probabilities), control (the twin trained without the FM) or base_rate.",
     )
     guard_reason: str = Field("", description="Why the guard chose it (trailing NE of each candidate).")
     fm_dim: int = Field(

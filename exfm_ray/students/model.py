@@ -170,6 +170,24 @@ def constant_serving(student: Student, rate: float) -> ServingStudent:
     return model
 
 
+class BlendServing(nn.Module):
+    """The guard's `blend`: the mean of the ExFM student's and its control twin's probabilities.
+
+    Duck-types ServingStudent (feature_names, loop, forward): only the ExFM student may read LoopFM
+    histories (`loop`), the twin never does.
+    """
+
+    def __init__(self, exfm: ServingStudent, control: ServingStudent):
+        super().__init__()
+        self.exfm = exfm
+        self.control = control
+        self.loop = exfm.loop
+        self.feature_names = exfm.feature_names
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> torch.Tensor:
+        return 0.5 * (self.exfm(sparse, dense, history) + self.control(sparse, dense))
+
+
 def serving_parts(
     features: list[str],
     cardinalities: dict[str, int],

@@ -25,7 +25,7 @@ from exfm_ray.numbers import finite
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
 
 STATE_FILE = "state.pt"
-_METRIC_KEYS = ("ne", "auc", "calibration", "loss", "control_ne", "base_rate_ne", "served_ne")
+_METRIC_KEYS = ("ne", "auc", "calibration", "loss", "control_ne", "blend_ne", "base_rate_ne", "served_ne")
 
 
 def version_name(entry: TenantEntry, window: int) -> str:

@@ -28,6 +28,7 @@ def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, di
             "ne_mean": _mean(r.get("ne") for r in rows),
             "auc_mean": _mean(r.get("auc") for r in rows),
             "control_ne_mean": _mean(r.get("control_ne") for r in rows),
+            "blend_ne_mean": _mean(r.get("blend_ne") for r in rows),
             "fm_ne_mean": _mean(r.get("fm_ne") for r in rows),
             "served_ne_mean": _mean(r.get("served_ne") for r in rows),
             "base_rate_ne_mean": _mean(r.get("base_rate_ne") for r in rows),

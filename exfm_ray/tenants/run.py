@@ -25,7 +25,7 @@ from exfm_ray.priors import base_rate
 from exfm_ray.students.config import variant
 from exfm_ray.students.guard import NE_KEY, decide, trailing_base_rate
 from exfm_ray.students.learner import GradSync, StudentLearner
-from exfm_ray.students.model import ServingStudent, build_student, constant_serving
+from exfm_ray.students.model import BlendServing, ServingStudent, build_student, constant_serving
 from exfm_ray.tenants.config import TenantView
 
 EVAL_BATCH = 4096
@@ -131,11 +131,13 @@ class TenantRun:
     def served_choice(self) -> str:
         return self.history[-1]["guard_choice"] if self.history else "exfm"
 
-    def served_model(self) -> ServingStudent:
+    def served_model(self) -> ServingStudent | BlendServing:
         """The serving model the guard chose after the last window (shares weights, or a constant)."""
         choice = self.served_choice
         if choice == "control" and self.control is not None:
             return self.control.model.serving_model()
+        if choice == "blend" and self.control is not None:
+            return BlendServing(self.learner.model.serving_model(), self.control.model.serving_model())
         if choice == "base_rate":
             rate = trailing_base_rate(self.history, self.view.tenant.guard_windows)
             return constant_serving(self.learner.model, rate if rate is not None else 0.5)
@@ -153,6 +155,7 @@ class TenantRun:
             return out
         y = rows.label.numpy()
         learners = {"": self.learner, "control_": self.control}
+        probs = {}
         for prefix, learner in learners.items():
             if learner is None:
                 continue
@@ -161,7 +164,11 @@ class TenantRun:
             )  # every rank sees the whole window: same prior everywhere
             p = torch.cat([learner.predict(b) for b in rows.batches(EVAL_BATCH, self.features, self.dense)])
             learner.judge(p)  # a gate judging the FM against the student reads its scores of the window
-            out.update({f"{prefix}{k}": v for k, v in evaluate(y, p.numpy()).items() if k != "rows"})
+            probs[prefix] = p.numpy()
+            out.update({f"{prefix}{k}": v for k, v in evaluate(y, probs[prefix]).items() if k != "rows"})
+        if len(probs) == 2:  # the guard's blend candidate: what BlendServing answers
+            blend = evaluate(y, 0.5 * (probs[""] + probs["control_"]))
+            out.update(blend_ne=blend["ne"], blend_log_loss=blend["log_loss"])
         # The third candidate of the guard: the constant rate of the trailing windows trained on
         # (the first window: its own rate, as every fresh head starts there).
         rate = trailing_base_rate(self.history, self.view.tenant.guard_windows)

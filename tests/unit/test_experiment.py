@@ -76,6 +76,15 @@ def test_records_cover_every_variant_tenant_window_and_fm_starts_after_the_delay
     assert 0.98 < next(iter(students.values())) < 1.1 and first["base_rate"] == pytest.approx(1.0, abs=1e-3)
     rows = {r["window"]: r["rows"] for r in records if r["variant"] == "vm_only" and r["tenant"] == "feed"}
     assert rows == {t: stream.tenant_rows(t, "feed").num_rows for t in range(4)}
+    # the guard's blend: the mean of the default variant's and vm_only's probabilities, never worse
+    # than the worse of the two (log loss is convex), and not a copy of either
+    loss = {(r["variant"], r["tenant"], r["window"]): r["log_loss"] for r in records}
+    blends = [k for k in loss if k[0] == "blend"]
+    assert len(blends) == 4 * len(stream.spec.tenant_names)
+    for _, tenant, t in blends:
+        pair = (loss[(DEFAULT_VARIANT, tenant, t)], loss[("vm_only", tenant, t)])
+        assert loss[("blend", tenant, t)] <= max(pair) + 1e-9
+    assert any(min(abs(loss[k] - loss[(v, *k[1:])]) for v in (DEFAULT_VARIANT, "vm_only")) > 1e-6 for k in blends)
 
 
 def test_experiment_writes_json_markdown_and_png(tmp_path):
@@ -84,7 +93,7 @@ def test_experiment_writes_json_markdown_and_png(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     guarded = f"{default}+guard"
     assert data["default_variant"] == data["summary"]["default_variant"] == default
-    assert set(variants_of(data["summary"])) == {"fm", "vm_only", "ah", default, "base_rate", guarded}
+    assert set(variants_of(data["summary"])) == {"fm", "vm_only", "ah", default, "blend", "base_rate", guarded}
     for s in variants_of(data["summary"]).values():
         assert {"ne_mean", "ne_std", "auc_mean"} <= set(s)
         assert s["seeds"] == 2 and 0.3 < s["ne_mean"] < 1.5

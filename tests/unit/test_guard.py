@@ -138,3 +138,34 @@ def test_experiment_guard_follows_the_same_rule():
     assert worst_excess(recs + guarded, "ah_sa+guard", "vm_only", span=3, warmup=0) == pytest.approx(
         100 * ((1.2 + 0.95 + 0.95) / (0.95 * 3) - 1), rel=1e-6
     )
+
+
+def test_the_blend_serves_where_it_scores_best_and_ties_go_to_the_exfm_student():
+    def rec(t, exfm, blend, control):
+        return {**_rec(t, 1000, 100, exfm, control, 0.33), "blend_log_loss": blend}
+
+    assert decide([rec(t, 0.31, 0.30, 0.305) for t in range(3)], 3).serve == "blend"
+    assert decide([rec(t, 0.30, 0.30, 0.30) for t in range(3)], 3).serve == "exfm"
+    assert decide([rec(t, 0.31, 0.305, 0.305) for t in range(3)], 3).serve == "blend"  # before the control
+    assert decide([rec(t, 0.36, 0.35, 0.36) for t in range(3)], 3).serve == "base_rate"
+
+
+def test_a_guarded_run_scores_and_publishes_the_blend(augmented):
+    run = _walk(augmented)
+    rows = [r for r in run.history if "blend_log_loss" in r]
+    assert len(rows) == 4
+    for r in rows:  # the mean of two probabilities never loses to the worse of them (convexity)
+        assert r["blend_log_loss"] <= max(r["log_loss"], r["control_log_loss"]) + 1e-9
+    run.history[-1]["guard_choice"] = "blend"
+    batch = next(iter(_batches(run, augmented)))
+    a = run.learner.model.serving_model()(batch.sparse, batch.dense)
+    b = run.control.model.serving_model()(batch.sparse, batch.dense)
+    torch.testing.assert_close(run.served_model()(batch.sparse, batch.dense), 0.5 * (a + b))
+
+
+def test_experiment_guard_serves_the_blend_record():
+    recs = _records({"kd_sa": [1.0, 1.0, 1.0, 1.0], "vm_only": [1.0, 1.0, 1.0, 1.0], "blend": [0.9, 0.9, 0.9, 0.9]})
+    labels = {("a", t): (np.arange(1000) < 100).astype(float) for t in range(4)}
+    guarded = guarded_records(recs + base_rate_records(recs, labels, trailing=3), "kd_sa", trailing=3)
+    assert [r["served"] for r in guarded] == ["exfm", "blend", "blend", "blend"]
+    assert [r["ne"] for r in guarded] == [1.0, 0.9, 0.9, 0.9]

@@ -162,3 +162,31 @@ def test_fm_built_on_meta_and_materialized_gets_finite_weights_from_reset(stream
         assert torch.isfinite(w).all() and 0.01 < w.std() < 1.0
     assert all(torch.count_nonzero(b) == 0 for b in fm.cross.bias)
     assert torch.isfinite(fm.heads.weight).all()
+
+
+def test_a_blend_checkpoint_serves_the_mean_of_both_students(stream, tmp_path):
+    """The guard's blend: a LoopFM ExFM student and its twin (no tower) in one checkpoint; it loads
+    back to the mean of their probabilities, the histories reaching only the ExFM student."""
+    from exfm_ray.students.checkpoint import load_serving, save_student
+    from exfm_ray.students.meta import student_meta
+    from exfm_ray.students.model import BlendServing
+
+    spec, cfg, fm_dim = stream.spec, StudentConfig(), 6
+    torch.manual_seed(0)
+    exfm = build_student(spec, "feed", cfg, variant("kd_sa+loopfm"), fm_dim=fm_dim)
+    with torch.no_grad():
+        for p in exfm.loop.parameters():
+            p.normal_()
+    twin = build_student(spec, "feed", cfg, variant("vm_only"))
+    blend = BlendServing(exfm.serving_model(), twin.serving_model())
+    meta = student_meta(spec, "feed", cfg, version="v1", window=2, served="blend")
+    served, meta2 = load_serving(save_student(blend, meta, tmp_path / "v1"))
+    assert isinstance(served, BlendServing) and meta2.fm_dim == fm_dim and served.control.loop is None
+    t = spec.tenant("feed")
+    b = WindowTensors(stream.tenant_rows(2, "feed"), spec).batch(0, 32, t.features, t.dense)
+    keys = len(cfg.loopfm.store.keys)
+    history = (torch.randn(32, keys, 3, fm_dim), torch.randint(0, 4, (32, keys)))
+    exfm.eval(), twin.eval()
+    mean = 0.5 * (torch.sigmoid(exfm(b.sparse, b.dense, history).s) + torch.sigmoid(twin(b.sparse, b.dense).s))
+    torch.testing.assert_close(served(b.sparse, b.dense, history), mean)
+    assert not torch.allclose(mean, torch.sigmoid(exfm(b.sparse, b.dense, history).s))
