@@ -21,13 +21,14 @@ BASE_VARIANTS: dict[str, dict] = {
 LOOPFM = "+loopfm"  # '<variant>+loopfm': that variant, reading LoopFM histories; 'loopfm' alone: vm_only's
 VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
-# serving head distills the Student Adapter's label (the FM mapped onto fresh labels), and only
-# while the FM beats the base rate (fm_gate). Why not ah_sa: docs/results.md, "Rare positives and
-# the default variant".
+# serving head distills the Student Adapter's label (the FM mapped onto fresh labels), at full
+# weight while the FM beats the base rate (fm_gate) and at half weight while it does not
+# (fm_gate_floor). Why not ah_sa: docs/results.md, "Rare positives and the default variant"; why
+# the floor: "A floor under the FM gate".
 DEFAULT_VARIANT = "kd_sa"
 # Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
 # override them ('kd_sa@fm_gate=false').
-VARIANT_KNOBS: dict[str, dict] = {"kd_sa": {"fm_gate": True}}
+VARIANT_KNOBS: dict[str, dict] = {"kd_sa": {"fm_gate": True, "fm_gate_floor": 0.5}}
 
 
 class StudentConfig(Config):
@@ -130,8 +131,8 @@ class DistillConfig(Config):
         ge=0,
         le=1,
         description="Share of the FM terms' weights (w, w_sa, w_serving) kept in windows the FM gate distrusts: "
-        "0, the default, learns from labels alone there; 0.5 halves the distillation instead. Off by default "
-        "(docs/results.md, 'A floor under the FM gate').",
+        "0 learns from labels alone there; 0.5 halves the distillation instead. Like fm_gate_z's margin, only once "
+        "the gate has 3 windows of record (docs/results.md, 'A floor under the FM gate').",
     )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",

@@ -172,8 +172,10 @@ class StudentLearner:
         # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics),
         # or with fm_gate_floor are distilled at that share of their weight
         out = self.model(batch.sparse, batch.dense, batch.history)
+        # the floor, like the gate's margin, only once the FM has a record: a young FM gets no benefit of the doubt
+        floored = self.distill.fm_gate_floor > 0 and len(self.fm_record) >= FM_GATE_WINDOWS
         mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
-        if not self.fm_trusted and self.distill.fm_gate_floor == 0:
+        if not self.fm_trusted and not floored:
             mask = torch.zeros_like(batch.fm_mask)
         loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, distill)
         self.vm_opt.zero_grad()

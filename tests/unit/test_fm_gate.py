@@ -27,7 +27,7 @@ def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_ra
     mask = torch.ones_like(y, dtype=torch.bool)
     kd = {}
     for gate in (True, False):
-        distill = variant("kd_sa" if gate else "kd_sa@fm_gate=false")
+        distill = variant("kd_sa@fm_gate_floor=0" if gate else "kd_sa@fm_gate=false")
         torch.manual_seed(0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
         learner.begin_window(y, wrong, mask)
@@ -162,10 +162,17 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
         learner.begin_window(y, wrong, mask)
         assert not learner.fm_trusted
+        young = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
+        assert young["kd"] == 0.0  # an FM with one window of record gets no floor
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        for _ in range(3):
+            learner.begin_window(y, wrong, mask)
+        assert not learner.fm_trusted
         parts = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
         out[floor] = (parts["total"] - parts["serving"], parts["kd"])
     assert out[0.0][0] == pytest.approx(0.0, abs=1e-6) and out[0.0][1] == 0.0
     kd = out[1.0][1]
     assert kd > 0 and out[0.5][1] == pytest.approx(kd)  # same target and start: the same term...
     assert out[0.5][0] == pytest.approx(0.5 * kd, rel=1e-5) and out[1.0][0] == pytest.approx(kd, rel=1e-5)  # ...weighed
-    assert variant(DEFAULT_VARIANT).fm_gate_floor == 0.0
+    assert variant(DEFAULT_VARIANT).fm_gate_floor == 0.5 and variant("kd_single_head").fm_gate_floor == 0.0
