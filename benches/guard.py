@@ -27,6 +27,7 @@ from pydantic import Field
 from exfm_ray.configbase import Config
 from exfm_ray.das.local import augment_stream_locally
 from exfm_ray.das.store import AugmentedStore
+from exfm_ray.data.batching import WindowTensors
 from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
 from exfm_ray.fm.config import FMConfig
 from exfm_ray.students.model import BlendServing
@@ -91,8 +92,6 @@ def run(cfg: GuardBenchConfig, log=print) -> dict:
 
 def _serving_cost(run: TenantRun, table, batch_rows: int = 512, reps: int = 30) -> dict:
     """Forward time (median of paired ratios) and serving-checkpoint bytes: the blend vs the ExFM student."""
-    from exfm_ray.data.batching import WindowTensors
-
     alone = run.learner.model.serving_model().eval()
     blend = BlendServing(alone, run.control.model.serving_model()).eval()
     rows = WindowTensors(run.view.select(table), run.view.spec)

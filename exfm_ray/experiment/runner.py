@@ -27,6 +27,7 @@ from exfm_ray.fm.registry import window_labeled_by
 from exfm_ray.loopfm.replay import attach_histories
 from exfm_ray.metrics import evaluate
 from exfm_ray.students.config import DEFAULT_VARIANT, variant
+from exfm_ray.students.guard import blend
 from exfm_ray.students.learner import StudentLearner
 from exfm_ray.students.model import build_student
 
@@ -92,7 +93,7 @@ def _blend_records(seed: int, tenant: str, parts: list[dict[str, TenantWindow]],
     if DEFAULT_VARIANT not in preds or CONTROL not in preds:
         return []
     a, b = preds[DEFAULT_VARIANT], preds[CONTROL]
-    return [_record(seed, BLEND, tenant, t, parts[t][tenant].rows.label, 0.5 * (a[t] + b[t])) for t in sorted(a)]
+    return [_record(seed, BLEND, tenant, t, parts[t][tenant].rows.label, blend(a[t], b[t])) for t in sorted(a)]
 
 
 def _guard_records(cfg: ExperimentConfig, parts: list[dict[str, TenantWindow]], records: list[dict]) -> list[dict]:

@@ -47,6 +47,11 @@ class Decision:
     windows: tuple[int, int]
 
 
+def blend(p_exfm, p_control):
+    """The blend candidate's probabilities (numpy arrays or tensors alike)."""
+    return 0.5 * (p_exfm + p_control)
+
+
 def pooled_ne(records: list[dict], key: str) -> float:
     """NE of the rows of several windows taken together: sum of log losses over the entropy of the
     pooled positive rate. NaN when a record lacks the key or the rows hold one class only."""

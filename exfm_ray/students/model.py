@@ -22,6 +22,7 @@ from exfm_ray.loopfm.features import LoopTower
 from exfm_ray.priors import prior_logit
 from exfm_ray.schema import StreamSpec
 from exfm_ray.students.config import DistillConfig, StudentConfig
+from exfm_ray.students.guard import blend
 from exfm_ray.students.losses import grad_scale
 
 # LoopFM input: (histories [B, keys, K, Dfm], counts [B, keys]) for the tower, or the tower's
@@ -185,7 +186,7 @@ class BlendServing(nn.Module):
         self.feature_names = exfm.feature_names
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> torch.Tensor:
-        return 0.5 * (self.exfm(sparse, dense, history) + self.control(sparse, dense))
+        return blend(self.exfm(sparse, dense, history), self.control(sparse, dense))
 
 
 def serving_parts(

@@ -23,7 +23,7 @@ from exfm_ray.loopfm.store import StoreView, entity_ids
 from exfm_ray.metrics import evaluate
 from exfm_ray.priors import base_rate
 from exfm_ray.students.config import variant
-from exfm_ray.students.guard import NE_KEY, decide, trailing_base_rate
+from exfm_ray.students.guard import NE_KEY, blend, decide, trailing_base_rate
 from exfm_ray.students.learner import GradSync, StudentLearner
 from exfm_ray.students.model import BlendServing, ServingStudent, build_student, constant_serving
 from exfm_ray.tenants.config import TenantView
@@ -167,8 +167,8 @@ class TenantRun:
             probs[prefix] = p.numpy()
             out.update({f"{prefix}{k}": v for k, v in evaluate(y, probs[prefix]).items() if k != "rows"})
         if len(probs) == 2:  # the guard's blend candidate: what BlendServing answers
-            blend = evaluate(y, 0.5 * (probs[""] + probs["control_"]))
-            out.update(blend_ne=blend["ne"], blend_log_loss=blend["log_loss"])
+            mixed = evaluate(y, blend(probs[""], probs["control_"]))
+            out.update(blend_ne=mixed["ne"], blend_log_loss=mixed["log_loss"])
         # The third candidate of the guard: the constant rate of the trailing windows trained on
         # (the first window: its own rate, as every fresh head starts there).
         rate = trailing_base_rate(self.history, self.view.tenant.guard_windows)
