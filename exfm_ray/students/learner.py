@@ -14,7 +14,7 @@ from exfm_ray.optim import SplitOptimizer
 from exfm_ray.priors import base_rate, prior_logit
 from exfm_ray.students.calibration import PLATT_PENALTY, platt_fit
 from exfm_ray.students.config import DistillConfig, StudentConfig
-from exfm_ray.students.losses import adapter_loss, student_loss
+from exfm_ray.students.losses import adapter_loss, student_loss, young_fm_loss
 from exfm_ray.students.model import Student
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
@@ -169,15 +169,20 @@ class StudentLearner:
             if t_sa is None:
                 with torch.no_grad():
                     t_sa = torch.sigmoid(adapter(batch.fm_logit))
-        # (3) one VM step; an untrusted window's FM labels count as missing (the DAS's mask semantics),
-        # or with fm_gate_floor are distilled at that share of their weight
+        # (3) one VM step. In a window the gate distrusts, the FM's labels count as missing (the DAS's mask
+        # semantics); once the FM has a record, fm_gate_floor distills them at that share of their weight; before,
+        # fm_gate_young_aux sends them to a training-only head: a young FM gets no benefit of the doubt on the
+        # serving head
         out = self.model(batch.sparse, batch.dense, batch.history)
-        # the floor, like the gate's margin, only once the FM has a record: a young FM gets no benefit of the doubt
-        floored = self.distill.fm_gate_floor > 0 and len(self.fm_record) >= FM_GATE_WINDOWS
-        mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
-        if not self.fm_trusted and not floored:
-            mask = torch.zeros_like(batch.fm_mask)
-        loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, distill)
+        young = len(self.fm_record) < FM_GATE_WINDOWS
+        if not self.fm_trusted and young and out.young is not None:
+            y, f, m = batch.label, batch.fm_logit, batch.fm_mask
+            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, self.distill)
+        else:
+            mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
+            if not self.fm_trusted and (young or self.distill.fm_gate_floor == 0):
+                mask = torch.zeros_like(batch.fm_mask)
+            loss, vm_parts = student_loss(out.s, out.d, out.d2, batch.label, batch.fm_logit, mask, t_sa, distill)
         self.vm_opt.zero_grad()
         loss.backward()
         if self.grad_sync is not None:
@@ -200,7 +205,13 @@ class StudentLearner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        model, vm_opt = state["model"], state["vm_opt"]
+        head = self.model.aux_young
+        if head is not None and "aux_young.weight" not in model:
+            # a checkpoint from before the young FM's head: the head (registered last) starts fresh, Adam's with it
+            model = {**model, **{f"aux_young.{k}": v for k, v in head.state_dict().items()}}
+            vm_opt = [*vm_opt[:-1], _with_fresh_params(vm_opt[-1], len(list(head.parameters())))]
+        self.model.load_state_dict(model)
         self.started = state.get("started", True)  # checkpoints older than `started` had trained
         self.adapter_started = state.get("adapter_started", True)
         self.fm_trusted = state.get("fm_trusted", True)
@@ -213,7 +224,7 @@ class StudentLearner:
         ]
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
-        self.vm_opt.load_state_dict(state["vm_opt"])
+        self.vm_opt.load_state_dict(vm_opt)
         if self.sa_opt is not None:
             self.sa_opt.load_state_dict(state["sa_opt"])
 
@@ -258,3 +269,11 @@ def sums_and_spread(loss: torch.Tensor, rival: torch.Tensor) -> tuple[float, flo
     diff = (loss - rival).double()
     spread = math.sqrt(float(((diff - diff.mean()) ** 2).sum())) if len(diff) > 1 else 0.0
     return float(loss.sum()), float(rival.sum()), spread
+
+
+def _with_fresh_params(opt_state: dict, n: int) -> dict:
+    """An optimizer state with n more parameters at the end of its last group, with no state: they start fresh."""
+    groups = [dict(g) for g in opt_state["param_groups"]]
+    last = max((i for g in groups for i in g["params"]), default=-1)
+    groups[-1]["params"] = [*groups[-1]["params"], *range(last + 1, last + 1 + n)]
+    return {**opt_state, "param_groups": groups}

@@ -104,3 +104,20 @@ def student_loss(
             loss = loss + cfg.w_serving * ls
             parts["serving_kd"] = float(ls.detach())
     return loss, parts
+
+
+def young_fm_loss(
+    s: torch.Tensor,
+    a: torch.Tensor,
+    y: torch.Tensor,
+    fm_logit: torch.Tensor,
+    mask: torch.Tensor,
+    t_sa: torch.Tensor | None,
+    cfg: DistillConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A window the gate distrusts, with the FM too young for a floor: the serving head learns labels alone
+    and the young aux head `a` learns the (adapted) FM label at w * fm_gate_young_aux. What the FM ranks
+    still reaches the backbone; its calibration, which the gate found wanting, does not reach the serving head."""
+    ls = serving_loss(s, y)
+    kd = aux_sa_loss(a, t_sa, mask, cfg) if t_sa is not None else single_head_kd_loss(a, fm_logit, mask, cfg)
+    return ls + cfg.w * cfg.fm_gate_young_aux * kd, {"serving": float(ls.detach()), "young_aux": float(kd.detach())}

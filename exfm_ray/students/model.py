@@ -83,11 +83,13 @@ class ServingStudent(nn.Module):
 
 @dataclass
 class StudentOutput:
-    """s: serving logit [B]; d: FM aux logit [B] or None; d2: SA aux logit [B] or None."""
+    """s: serving logit [B]; d: FM aux logit [B] or None; d2: SA aux logit [B] or None; young: the young
+    FM's aux logit [B] or None (fm_gate_young_aux)."""
 
     s: torch.Tensor
     d: torch.Tensor | None
     d2: torch.Tensor | None
+    young: torch.Tensor | None = None
 
 
 class Student(nn.Module):
@@ -124,6 +126,12 @@ class Student(nn.Module):
         separate = distill.adapter and distill.sa_head == "separate" and distill.mode == "aux_head"
         self.aux_sa = nn.Linear(z, 1) if separate else None
         self.adapter = StudentAdapter(distill.sa_hidden, distill.sa_input == "logit") if distill.adapter else None
+        # Registered last, so a checkpoint from before this head lacks only the last dense parameters; drawn on a
+        # forked RNG, so every other weight starts as without it (seed-for-seed comparable arms).
+        self.aux_young = None
+        if distill.fm_gate and distill.fm_gate_young_aux > 0 and distill.mode != "none":
+            with torch.random.fork_rng():
+                self.aux_young = nn.Linear(z, 1)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, history: History = None) -> StudentOutput:
         z = _backbone(self, sparse, dense, history)  # [B, Z]
@@ -136,7 +144,8 @@ class Student(nn.Module):
             d = self.aux_fm(zg).squeeze(1)
             if self.adapter is not None:
                 d2 = (self.aux_sa or self.aux_fm)(zg).squeeze(1)
-        return StudentOutput(s, d, d2)
+        young = self.aux_young(grad_scale(z, self.distill.beta)).squeeze(1) if self.aux_young is not None else None
+        return StudentOutput(s, d, d2, young)
 
     @torch.no_grad()
     def start_at_base_rate(self, rate: float) -> None:
@@ -146,7 +155,7 @@ class Student(nn.Module):
         student spends its first windows walking the bias down. The weights stay random: zeroed
         head weights were tried and cost 5-10% NE on Frappe (docs/results.md).
         """
-        for head in (self.serving_head, self.aux_fm, self.aux_sa):
+        for head in (self.serving_head, self.aux_fm, self.aux_sa, self.aux_young):
             if head is not None:
                 head.bias.fill_(prior_logit(rate))
 
@@ -155,7 +164,7 @@ class Student(nn.Module):
         return ServingStudent(self.ebc, self.dense_proj, self.backbone, self.serving_head, self.loop)
 
     def training_only_parameters(self) -> list[nn.Parameter]:
-        parts = [m for m in (self.aux_fm, self.aux_sa) if m is not None]
+        parts = [m for m in (self.aux_fm, self.aux_sa, self.aux_young) if m is not None]
         return [p for m in parts for p in m.parameters()]
 
 

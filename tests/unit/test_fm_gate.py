@@ -33,7 +33,7 @@ def test_fm_gate_drops_distillation_on_windows_where_the_fm_loses_to_the_base_ra
         learner.begin_window(y, wrong, mask)
         assert learner.fm_trusted is not gate
         parts = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
-        kd[gate] = parts["kd"]
+        kd[gate] = parts.get("kd", 0.0)  # the serving head's (a young FM's label may go to an aux head)
         assert parts["adapter"] > 0  # the adapter learns either way
         for _ in range(3):  # later windows where the FM is good: trusted again once they outweigh the bad one
             learner.begin_window(y, -wrong, mask)
@@ -163,7 +163,7 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
         learner.begin_window(y, wrong, mask)
         assert not learner.fm_trusted
         young = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
-        assert young["kd"] == 0.0  # an FM with one window of record gets no floor
+        assert "kd" not in young  # an FM with one window of record gets no floor on the serving head
         torch.manual_seed(0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
         for _ in range(3):
@@ -176,3 +176,43 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
     assert kd > 0 and out[0.5][1] == pytest.approx(kd)  # same target and start: the same term...
     assert out[0.5][0] == pytest.approx(0.5 * kd, rel=1e-5) and out[1.0][0] == pytest.approx(kd, rel=1e-5)  # ...weighed
     assert variant(DEFAULT_VARIANT).fm_gate_floor == 0.5 and variant("kd_single_head").fm_gate_floor == 0.0
+
+
+def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_the_serving_head(world):
+    """fm_gate_young_aux (kd_sa: 0.1): in a window the gate distrusts before it has 3 windows of record, the
+    adapted label goes to a training-only head at w * share. The serving head's gradient is the labels' alone
+    (the same as with the FM's labels dropped); the backbone's is not. Trusted windows and the floor's
+    windows train as before, and a checkpoint from before the head loads with a fresh one."""
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y = b.label
+    wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
+    grads, learners = {}, {}
+    for share in (0.25, 0.0):
+        distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux={share}")
+        torch.manual_seed(0)
+        learner = learners[share] = StudentLearner(build_student(spec, "feed", StudentConfig(), distill),
+                                                   StudentConfig(), distill)  # fmt: skip
+        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+        assert not learner.fm_trusted
+        parts = learner.step(wrong)
+        m = learner.model
+        grads[share] = (m.serving_head.weight.grad.clone(), next(m.backbone.parameters()).grad.clone())
+        assert parts.get("kd", 0.0) == 0.0  # no FM term on the serving head
+        if share:
+            assert parts["young_aux"] > 0 and m.aux_young.weight.grad.abs().sum() > 0
+            assert parts["total"] > parts["serving"]
+        else:
+            assert m.aux_young is None and parts["total"] == parts["serving"]
+    assert torch.equal(grads[0.25][0], grads[0.0][0])
+    assert not torch.allclose(grads[0.25][1], grads[0.0][1])
+    learner = learners[0.25]
+    for _ in range(2):  # 3 windows of record: the floor's share on the serving head, the young head idle
+        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+    parts = learner.step(wrong)
+    assert parts["kd"] > 0 and "young_aux" not in parts and learner.model.aux_young.weight.grad is None
+    old = learners[0.0].state_dict()
+    learner.load_state_dict(old)
+    assert torch.equal(learner.model.serving_head.weight, learners[0.0].model.serving_head.weight)
+    assert "young_aux" in learner.step(wrong)
+    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0.1 and variant("kd_single_head").fm_gate_young_aux == 0
