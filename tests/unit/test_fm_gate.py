@@ -163,7 +163,7 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
         learner.begin_window(y, wrong, mask)
         assert not learner.fm_trusted
         young = learner.step(dataclasses.replace(b, fm_logit=wrong, fm_mask=mask))
-        assert "kd" not in young  # an FM with one window of record gets no floor on the serving head
+        assert young.get("kd", 0.0) == 0.0  # an FM with one window of record gets no floor on the serving head
         torch.manual_seed(0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
         for _ in range(3):
@@ -179,7 +179,7 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
 
 
 def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_the_serving_head(world):
-    """fm_gate_young_aux (kd_sa: 0.1): in a window the gate distrusts before it has 3 windows of record, the
+    """fm_gate_young_aux (off by default): in a window the gate distrusts before it has 3 windows of record, the
     adapted label goes to a training-only head at w * share. The serving head's gradient is the labels' alone
     (the same as with the FM's labels dropped); the backbone's is not. Trusted windows and the floor's
     windows train as before, and a checkpoint from before the head loads with a fresh one."""
@@ -215,4 +215,4 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     learner.load_state_dict(old)
     assert torch.equal(learner.model.serving_head.weight, learners[0.0].model.serving_head.weight)
     assert "young_aux" in learner.step(wrong)
-    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0.1 and variant("kd_single_head").fm_gate_young_aux == 0
+    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0 and variant("kd_single_head").fm_gate_young_aux == 0

@@ -57,7 +57,7 @@ def test_head_logit_picks_the_row_tenant_head():
     assert head_logit(logits, torch.tensor([1, 0, 1])).tolist() == [2.0, 3.0, 6.0]
 
 
-@pytest.mark.parametrize("name", ["ah_sa", "kd_sa"])  # kd_sa: the young FM's head (aux_young)
+@pytest.mark.parametrize("name", ["ah_sa", "kd_sa@fm_gate_young_aux=0.1"])  # the young FM's head (aux_young)
 def test_serving_model_has_only_the_serving_path_and_same_prediction(stream, name):
     spec = stream.spec
     student = build_student(spec, "stories", StudentConfig(), variant(name))
@@ -66,7 +66,7 @@ def test_serving_model_has_only_the_serving_path_and_same_prediction(stream, nam
     names = {n for n, _ in serving.named_modules()}
     assert not any(n.startswith(("aux_", "adapter")) for n in names)
     heads = [m for m in (student.aux_fm, student.aux_sa, student.aux_young, student.adapter) if m is not None]
-    assert len(heads) == {"ah_sa": 3, "kd_sa": 2}[name]
+    assert len(heads) == (3 if name == "ah_sa" else 2)
     dropped = sum(p.numel() for m in heads for p in m.parameters())
     assert count_parameters(serving) == count_parameters(student) - dropped
     t = spec.tenant("stories")
