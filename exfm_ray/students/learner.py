@@ -208,8 +208,10 @@ class StudentLearner:
         model, vm_opt = state["model"], state["vm_opt"]
         head = self.model.aux_young
         if head is not None and "aux_young.weight" not in model:
-            # a checkpoint from before the young FM's head: the head (registered last) starts fresh, Adam's with it
-            model = {**model, **{f"aux_young.{k}": v for k, v in head.state_dict().items()}}
+            # a checkpoint from before the young FM's head: the head (registered last) starts fresh, Adam's with it,
+            # its bias where the trained serving head's is (the start at the base rate has passed)
+            fresh = {"weight": head.weight.detach().clone(), "bias": model["serving_head.bias"].clone()}
+            model = {**model, **{f"aux_young.{k}": v for k, v in fresh.items()}}
             vm_opt = [*vm_opt[:-1], _with_fresh_params(vm_opt[-1], len(list(head.parameters())))]
         self.model.load_state_dict(model)
         self.started = state.get("started", True)  # checkpoints older than `started` had trained

@@ -214,5 +214,6 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     old = learners[0.0].state_dict()
     learner.load_state_dict(old)
     assert torch.equal(learner.model.serving_head.weight, learners[0.0].model.serving_head.weight)
+    assert torch.equal(learner.model.aux_young.bias, learners[0.0].model.serving_head.bias)
     assert "young_aux" in learner.step(wrong)
     assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0 and variant("kd_single_head").fm_gate_young_aux == 0
