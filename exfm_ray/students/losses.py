@@ -70,6 +70,13 @@ def aux_sa_loss(d2: torch.Tensor, t_sa: torch.Tensor, mask: torch.Tensor, cfg: D
     return masked_mean(bce(d2, t_sa.detach()), mask, cfg.mask_norm)
 
 
+def kd_loss(
+    logit: torch.Tensor, fm_logit: torch.Tensor, mask: torch.Tensor, t_sa: torch.Tensor | None, cfg: DistillConfig
+) -> torch.Tensor:
+    """One head's distillation term: the adapted label where there is an adapter, else the (label-scaled) FM's."""
+    return aux_sa_loss(logit, t_sa, mask, cfg) if t_sa is not None else single_head_kd_loss(logit, fm_logit, mask, cfg)
+
+
 def student_loss(
     s: torch.Tensor,
     d: torch.Tensor | None,
@@ -85,7 +92,7 @@ def student_loss(
     parts = {"serving": float(loss.detach())}
     if cfg.mode == "single_head":
         # With an adapter the serving head learns the adapted label (the FM mapped onto fresh labels).
-        kd = aux_sa_loss(s, t_sa, mask, cfg) if t_sa is not None else single_head_kd_loss(s, fm_logit, mask, cfg)
+        kd = kd_loss(s, fm_logit, mask, t_sa, cfg)
         loss = loss + cfg.w * kd
         parts["kd"] = float(kd.detach())
     elif cfg.mode == "aux_head":
@@ -119,5 +126,5 @@ def young_fm_loss(
     and the young aux head `a` learns the (adapted) FM label at w * fm_gate_young_aux. What the FM ranks
     still reaches the backbone; its calibration, which the gate found wanting, does not reach the serving head."""
     ls = serving_loss(s, y)
-    kd = aux_sa_loss(a, t_sa, mask, cfg) if t_sa is not None else single_head_kd_loss(a, fm_logit, mask, cfg)
+    kd = kd_loss(a, fm_logit, mask, t_sa, cfg)
     return ls + cfg.w * cfg.fm_gate_young_aux * kd, {"serving": float(ls.detach()), "young_aux": float(kd.detach())}
