@@ -23,8 +23,9 @@ VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
 # serving head distills the Student Adapter's label (the FM mapped onto fresh labels), at full
 # weight while the FM beats the base rate (fm_gate) and at half weight while it does not
-# (fm_gate_floor). Why not ah_sa: docs/results.md, "Rare positives and the default variant"; why
-# the floor: "A floor under the FM gate".
+# (fm_gate_floor), once the gate has 3 windows of record; before that, it learns from labels alone.
+# Why not ah_sa: docs/results.md, "Rare positives and the default variant"; why the floor: "A floor
+# under the FM gate"; why not more in the FM's first windows: "The young FM".
 DEFAULT_VARIANT = "kd_sa"
 # Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
 # override them ('kd_sa@fm_gate=false').
@@ -140,9 +141,19 @@ class DistillConfig(Config):
         le=1,
         description="Share of w at which, in a window the FM gate distrusts before it has 3 windows of record "
         "(where no floor applies), a training-only auxiliary head learns the (adapted) FM label, reaching the "
-        "backbone through beta-scaled gradients; the serving head learns labels alone there. 0: the FM's labels "
-        "are dropped in those windows (the default). 0.1 gained 0.44 points on synthetic-ads-rare and cost 0.15 on "
-        "frappe-rare and 0.04 on movielens-rare (docs/results.md, 'The young FM's labels through an auxiliary head').",
+        "backbone through beta-scaled gradients; the serving head gets no FM term there. 0: the FM's labels are "
+        "dropped in those windows (the default). Opt-in: it helps synthetic-ads-rare and costs frappe-rare's first "
+        "windows (docs/results.md, 'The young FM's labels through an auxiliary head').",
+    )
+    fm_gate_young_prior: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of w at which, in those same windows, the serving head distills the tenant's constant "
+        "rate (the rival that beat the FM's labels; its rows and positives so far, this window's included): "
+        "label smoothing towards the prior while the FM is young and distrusted. 0: off (the default). With "
+        "fm_gate_young_aux 0.25 it beat single-head KD on synthetic-ads-rare and hurt frappe-rare's first windows "
+        "(docs/results.md, 'The constant that beat the young FM').",
     )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",

@@ -171,13 +171,15 @@ class StudentLearner:
                     t_sa = torch.sigmoid(adapter(batch.fm_logit))
         # (3) one VM step. In a window the gate distrusts, the FM's labels count as missing (the DAS's mask
         # semantics); once the FM has a record, fm_gate_floor distills them at that share of their weight; before,
-        # fm_gate_young_aux sends them to a training-only head: a young FM gets no benefit of the doubt on the
-        # serving head
+        # a young FM gets no benefit of the doubt on the serving head: fm_gate_young_aux sends its labels to a
+        # training-only head and fm_gate_young_prior puts the constant that beat them on the serving head
         out = self.model(batch.sparse, batch.dense, batch.history)
         young = len(self.fm_record) < FM_GATE_WINDOWS
-        if not self.fm_trusted and young and out.young is not None:
+        to_young = out.young is not None or (self.distill.fm_gate_young_prior > 0 and self.distill.mode != "none")
+        if not self.fm_trusted and young and to_young:
+            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1)  # the tenant's, this window's labels included
             y, f, m = batch.label, batch.fm_logit, batch.fm_mask
-            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, self.distill)
+            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, self.distill)
         else:
             mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
             if not self.fm_trusted and (young or self.distill.fm_gate_floor == 0):

@@ -115,16 +115,27 @@ def student_loss(
 
 def young_fm_loss(
     s: torch.Tensor,
-    a: torch.Tensor,
+    a: torch.Tensor | None,
     y: torch.Tensor,
     fm_logit: torch.Tensor,
     mask: torch.Tensor,
     t_sa: torch.Tensor | None,
+    rate: float,
     cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """A window the gate distrusts, with the FM too young for a floor: the serving head learns labels alone
-    and the young aux head `a` learns the (adapted) FM label at w * fm_gate_young_aux. What the FM ranks
-    still reaches the backbone; its calibration, which the gate found wanting, does not reach the serving head."""
+    """A window the gate distrusts, with the FM too young for a floor. The serving head learns the labels and,
+    at w * fm_gate_young_prior, the tenant's constant rate: the rival that beat the FM's labels, so the serving
+    head is still pulled towards a teacher, the better one. The young aux head `a` learns the (adapted) FM label
+    at w * fm_gate_young_aux: what the FM ranks still reaches the backbone; its calibration, which the gate found
+    wanting, does not reach the serving head."""
     ls = serving_loss(s, y)
-    kd = kd_loss(a, fm_logit, mask, t_sa, cfg)
-    return ls + cfg.w * cfg.fm_gate_young_aux * kd, {"serving": float(ls.detach()), "young_aux": float(kd.detach())}
+    loss, parts = ls, {"serving": float(ls.detach())}
+    if cfg.fm_gate_young_prior > 0:
+        lp = masked_mean(bce(s, torch.full_like(s, rate)), mask, cfg.mask_norm)
+        loss = loss + cfg.w * cfg.fm_gate_young_prior * lp
+        parts["young_prior"] = float(lp.detach())
+    if a is not None:
+        kd = kd_loss(a, fm_logit, mask, t_sa, cfg)
+        loss = loss + cfg.w * cfg.fm_gate_young_aux * kd
+        parts["young_aux"] = float(kd.detach())
+    return loss, parts

@@ -217,3 +217,39 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     assert torch.equal(learner.model.aux_young.bias, learners[0.0].model.serving_head.bias)
     assert "young_aux" in learner.step(wrong)
     assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0 and variant("kd_single_head").fm_gate_young_aux == 0
+
+
+def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it(world):
+    """fm_gate_young_prior (off by default): in those windows the serving head learns the labels and, at w * share, the
+    tenant's constant rate so far (this window's labels included); the FM's labels never reach it there. Trusted
+    windows and the floor's windows have no such term."""
+    from exfm_ray.students.losses import bce
+
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y = b.label
+    wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
+    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=1")
+    assert variant(DEFAULT_VARIANT).fm_gate_young_prior == 0 and variant("kd_single_head").fm_gate_young_prior == 0
+    grads = []
+    for by_hand in (False, True):
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+        assert not learner.fm_trusted
+        m = learner.model
+        if by_hand:
+            s = m(b.sparse, b.dense, b.history).s
+            rate = (float(y.sum()) + 0.5) / (len(y) + 1)
+            (bce(s, y).mean() + distill.w * bce(s, torch.full_like(s, rate)).mean()).backward()
+        else:
+            parts = learner.step(wrong)
+            assert parts["young_prior"] > 0 and "kd" not in parts and parts["total"] > parts["serving"]
+        grads.append(m.serving_head.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    for _ in range(2):  # 3 windows of record: the floor's FM term on the serving head, no constant
+        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+    assert "young_prior" not in learner.step(wrong)
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    learner.begin_window(y, -wrong.fm_logit, wrong.fm_mask)  # an FM that beats the constant: trusted
+    assert learner.fm_trusted and "young_prior" not in learner.step(dataclasses.replace(wrong, fm_logit=-wrong.fm_logit))
