@@ -252,4 +252,5 @@ def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it
     assert "young_prior" not in learner.step(wrong)
     learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     learner.begin_window(y, -wrong.fm_logit, wrong.fm_mask)  # an FM that beats the constant: trusted
-    assert learner.fm_trusted and "young_prior" not in learner.step(dataclasses.replace(wrong, fm_logit=-wrong.fm_logit))
+    assert learner.fm_trusted
+    assert "young_prior" not in learner.step(dataclasses.replace(wrong, fm_logit=-wrong.fm_logit))
