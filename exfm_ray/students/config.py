@@ -155,6 +155,11 @@ class DistillConfig(Config):
         "fm_gate_young_aux 0.25 it beat single-head KD on synthetic-ads-rare and hurt frappe-rare's first windows "
         "(docs/results.md, 'The constant that beat the young FM').",
     )
+    fm_gate_young_prior_when: Literal["always", "student_behind"] = Field(
+        "always",
+        description="When fm_gate_young_prior applies: in every such window, or only while the student's own "
+        "scores of its last 3 windows (before training on them) do not beat the constant's by log loss.",
+    )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",
         description="What the FM gate judges: the FM's own label, the adapted label (as the adapter stands before "

@@ -56,6 +56,10 @@ class StudentLearner:
         # per window: summed log loss of the FM (or of the mix `judge` scores), of what it must beat
         # (the constant, or the student); positives; the standard error of the difference
         self.fm_record: list[tuple[float, float, float, float]] = []
+        # per window: the student's summed log loss on it (scored before training on it) and the constant's
+        # (fm_gate_young_prior_when='student_behind'); the window's labels and constant until `judge`
+        self.student_record: list[tuple[float, float]] = []
+        self.scoring: tuple[torch.Tensor, float] | None = None
         # what the VM step distills with in a window the gate distrusts (fm_gate_floor > 0)
         f = distill.fm_gate_floor
         self.floored = distill.model_copy(
@@ -75,6 +79,8 @@ class StudentLearner:
         reads numbers the trainer has when it trains on the window (its labels), never the scores.
         """
         labeled = fm_mask is not None and bool(fm_mask.any())
+        rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
+        self.scoring = (labels, rate)
         if not self.started:
             if self.cfg.base_rate_start:
                 self.model.start_at_base_rate(base_rate(labels))
@@ -99,7 +105,6 @@ class StudentLearner:
         if labeled and self.distill.fm_gate_against == "student":
             self.judging = (labels[fm_mask], target.detach(), fm_mask)  # indexing copied them; see `judge`
         elif labeled:
-            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
             losses = fm_and_constant_loss(labels[fm_mask], target, rate)
             fm_loss, flat_loss, spread = self._pool(losses, float(labels[fm_mask].sum()))
             calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
@@ -120,7 +125,13 @@ class StudentLearner:
 
     def judge(self, predictions: torch.Tensor) -> None:
         """After the student has scored the window (before training on it), with fm_gate_against='student':
-        distill while the mix the distillation term pulls towards beats the student's own predictions."""
+        distill while the mix the distillation term pulls towards beats the student's own predictions. Always:
+        the student's own score of the window against the constant's (fm_gate_young_prior_when)."""
+        if self.scoring is not None:
+            y, rate = self.scoring
+            self.scoring = None
+            scored = torch.logit(predictions.double().clamp(1e-7, 1 - 1e-7))
+            self.student_record = [*self.student_record, fm_and_constant_loss(y, scored, rate)[:2]][-FM_GATE_WINDOWS:]
         if self.judging is None:
             return
         y, target, mask = self.judging
@@ -145,6 +156,15 @@ class StudentLearner:
         # two windows of traffic gets no benefit of the doubt.
         margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
         self.fm_trusted = not self.distill.fm_gate or loss < rival + margin
+
+    def student_behind(self) -> bool:
+        """Whether the constant is worth distilling (fm_gate_young_prior): always, or while the student's own
+        scores, pooled over its last 3 windows, do not beat the constant's (a student that ranks already would
+        only be compressed towards the mean)."""
+        if self.distill.fm_gate_young_prior_when == "always" or not self.student_record:
+            return True
+        student, flat = (sum(x) for x in zip(*self.student_record, strict=True))
+        return student >= flat
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()
@@ -176,10 +196,12 @@ class StudentLearner:
         out = self.model(batch.sparse, batch.dense, batch.history)
         young = len(self.fm_record) < FM_GATE_WINDOWS
         to_young = out.young is not None or (self.distill.fm_gate_young_prior > 0 and self.distill.mode != "none")
+        prior = self.distill.fm_gate_young_prior if self.student_behind() else 0.0
         if not self.fm_trusted and young and to_young:
             rate = (self.seen[1] + 0.5) / (self.seen[0] + 1)  # the tenant's, this window's labels included
             y, f, m = batch.label, batch.fm_logit, batch.fm_mask
-            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, self.distill)
+            distill = self.distill.model_copy(update={"fm_gate_young_prior": prior})
+            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, distill)
         else:
             mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
             if not self.fm_trusted and (young or self.distill.fm_gate_floor == 0):
