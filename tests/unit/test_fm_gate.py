@@ -254,3 +254,27 @@ def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it
     learner.begin_window(y, -wrong.fm_logit, wrong.fm_mask)  # an FM that beats the constant: trusted
     assert learner.fm_trusted
     assert "young_prior" not in learner.step(dataclasses.replace(wrong, fm_logit=-wrong.fm_logit))
+
+
+def test_the_constant_teaches_only_a_student_that_does_not_beat_it(world):
+    """fm_gate_young_prior_when='student_behind': the constant goes on the serving head only while the student's
+    own scores of its windows (before training on them, as `judge` sees them) do not beat it by log loss; a
+    student that ranks already would only be compressed towards the mean."""
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y = b.label
+    wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
+    good, flat = torch.where(y > 0, 0.9, 0.05), torch.full_like(y, 0.5)  # beats the constant; loses to it
+    prior = {}
+    for when in ("student_behind", "always"):
+        distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=1,fm_gate_young_prior_when={when}")
+        for name, scores in (("good", good), ("flat", flat)):
+            learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+            learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+            learner.judge(scores)
+            assert not learner.fm_trusted
+            prior[(when, name)] = "young_prior" in learner.step(wrong)
+    assert prior == {
+        ("student_behind", "good"): False, ("student_behind", "flat"): True,
+        ("always", "good"): True, ("always", "flat"): True,
+    }  # fmt: skip
