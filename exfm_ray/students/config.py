@@ -23,13 +23,17 @@ VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
 # serving head distills the Student Adapter's label (the FM mapped onto fresh labels), at full
 # weight while the FM beats the base rate (fm_gate) and at half weight while it does not
-# (fm_gate_floor), once the gate has 3 windows of record; before that, it learns from labels alone.
-# Why not ah_sa: docs/results.md, "Rare positives and the default variant"; why the floor: "A floor
-# under the FM gate"; why not more in the FM's first windows: "The young FM".
+# (fm_gate_floor), once the gate has 3 windows of record. Before that, a distrusted FM's labels
+# teach the backbone through a training-only head at a tenth of w (fm_gate_young_aux), and the
+# serving head distills the constant that beat them while the student does not beat it either
+# (fm_gate_young_prior). Why not ah_sa: docs/results.md, "Rare positives and the default variant";
+# why the floor: "A floor under the FM gate"; the young FM: "The constant that beat the young FM".
 DEFAULT_VARIANT = "kd_sa"
 # Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
 # override them ('kd_sa@fm_gate=false').
-VARIANT_KNOBS: dict[str, dict] = {"kd_sa": {"fm_gate": True, "fm_gate_floor": 0.5}}
+VARIANT_KNOBS: dict[str, dict] = {
+    "kd_sa": {"fm_gate": True, "fm_gate_floor": 0.5, "fm_gate_young_aux": 0.1, "fm_gate_young_prior": 1.0}
+}
 
 
 class StudentConfig(Config):
@@ -142,8 +146,8 @@ class DistillConfig(Config):
         description="Share of w at which, in a window the FM gate distrusts before it has 3 windows of record "
         "(where no floor applies), a training-only auxiliary head learns the (adapted) FM label, reaching the "
         "backbone through beta-scaled gradients; the serving head gets no FM term there. 0: the FM's labels are "
-        "dropped in those windows (the default). Opt-in: it helps synthetic-ads-rare and costs frappe-rare's first "
-        "windows (docs/results.md, 'The young FM's labels through an auxiliary head').",
+        "dropped in those windows. kd_sa: 0.1 (0.15 and more put frappe-rare's 6-window form above the student "
+        "alone; docs/results.md, 'The constant that beat the young FM').",
     )
     fm_gate_young_prior: float = Field(
         0.0,
@@ -151,12 +155,11 @@ class DistillConfig(Config):
         le=1,
         description="Share of w at which, in those same windows, the serving head distills the tenant's constant "
         "rate (the rival that beat the FM's labels; its rows and positives so far, this window's included): "
-        "label smoothing towards the prior while the FM is young and distrusted. 0: off (the default). With "
-        "fm_gate_young_aux 0.25 it beat single-head KD on synthetic-ads-rare and hurt frappe-rare's first windows "
-        "(docs/results.md, 'The constant that beat the young FM').",
+        "label smoothing towards the prior while the FM is young and distrusted. 0: off. kd_sa: 1, the rival at "
+        "the FM's own weight (docs/results.md, 'The constant that beat the young FM').",
     )
     fm_gate_young_prior_when: Literal["always", "student_behind"] = Field(
-        "always",
+        "student_behind",
         description="When fm_gate_young_prior applies: in every such window, or only while the student's own "
         "scores of its last 3 windows (before training on them) do not beat the constant's by log loss.",
     )

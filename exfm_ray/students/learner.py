@@ -226,6 +226,7 @@ class StudentLearner:
             "fm_record": self.fm_record,
             "fm_affine": self.fm_affine,
             "fm_rows": self.fm_rows,
+            "student_record": self.student_record,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,6 +251,7 @@ class StudentLearner:
         ]
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
+        self.student_record = [tuple(x) for x in state.get("student_record", [])]
         self.vm_opt.load_state_dict(vm_opt)
         if self.sa_opt is not None:
             self.sa_opt.load_state_dict(state["sa_opt"])

@@ -179,7 +179,7 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
 
 
 def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_the_serving_head(world):
-    """fm_gate_young_aux (off by default): in a window the gate distrusts before it has 3 windows of record, the
+    """fm_gate_young_aux (kd_sa: 0.1): in a window the gate distrusts before it has 3 windows of record, the
     adapted label goes to a training-only head at w * share. The serving head's gradient is the labels' alone
     (the same as with the FM's labels dropped); the backbone's is not. Trusted windows and the floor's
     windows train as before, and a checkpoint from before the head loads with a fresh one."""
@@ -189,7 +189,7 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
     grads, learners = {}, {}
     for share in (0.25, 0.0):
-        distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux={share}")
+        distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux={share},fm_gate_young_prior=0")
         torch.manual_seed(0)
         learner = learners[share] = StudentLearner(build_student(spec, "feed", StudentConfig(), distill),
                                                    StudentConfig(), distill)  # fmt: skip
@@ -216,11 +216,11 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     assert torch.equal(learner.model.serving_head.weight, learners[0.0].model.serving_head.weight)
     assert torch.equal(learner.model.aux_young.bias, learners[0.0].model.serving_head.bias)
     assert "young_aux" in learner.step(wrong)
-    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0 and variant("kd_single_head").fm_gate_young_aux == 0
+    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0.1 and variant("kd_single_head").fm_gate_young_aux == 0
 
 
 def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it(world):
-    """fm_gate_young_prior (off by default): in those windows the serving head learns the labels and, at w * share, the
+    """fm_gate_young_prior (kd_sa: 1): in those windows the serving head learns the labels and, at w * share, the
     tenant's constant rate so far (this window's labels included); the FM's labels never reach it there. Trusted
     windows and the floor's windows have no such term."""
     from exfm_ray.students.losses import bce
@@ -229,8 +229,9 @@ def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it
     b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
     y = b.label
     wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
-    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=1")
-    assert variant(DEFAULT_VARIANT).fm_gate_young_prior == 0 and variant("kd_single_head").fm_gate_young_prior == 0
+    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux=0")  # the serving head's part alone
+    assert variant(DEFAULT_VARIANT).fm_gate_young_prior == 1 and variant("kd_single_head").fm_gate_young_prior == 0
+    assert variant(DEFAULT_VARIANT).fm_gate_young_prior_when == "student_behind"
     grads = []
     for by_hand in (False, True):
         torch.manual_seed(0)

@@ -130,7 +130,7 @@ def test_the_learner_passes_w_on_to_its_loss(world):
         assert parts["total"] == pytest.approx(parts["serving"] + w * parts["kd"], rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vm_only", "kd_single_head", "ah", "ah_sa", "kd_sa@fm_calibrate=fallback"])
+@pytest.mark.parametrize("name", ["vm_only", "kd_single_head", "ah", "ah_sa", "kd_sa", "kd_sa@fm_calibrate=fallback"])
 def test_learner_state_is_plain_data_that_loads_weights_only(world, name):
     """Checkpoints resume with torch.load(weights_only=True): tensors, numbers, strings, lists, dicts."""
     import io
@@ -139,13 +139,15 @@ def test_learner_state_is_plain_data_that_loads_weights_only(world, name):
     distill = variant(name)
     learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     learner.begin_window(b.label, b.fm_logit, b.fm_mask)
+    learner.judge(torch.full_like(b.label, 0.5))
     learner.step(b)
     buffer = io.BytesIO()
     torch.save(learner.state_dict(), buffer)
     buffer.seek(0)
     resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    for key in ("seen", "fm_affine", "fm_trusted", "fm_record"):
+    assert len(learner.student_record) == 1
+    for key in ("seen", "fm_affine", "fm_trusted", "fm_record", "student_record"):
         assert getattr(resumed, key) == getattr(learner, key), key
     assert len(resumed.fm_rows) == len(learner.fm_rows) == (1 if "fm_calibrate" in name else 0)
     with torch.no_grad():
