@@ -154,9 +154,9 @@ class DistillConfig(Config):
         ge=0,
         le=1,
         description="Share of w at which, in those same windows, the serving head distills the tenant's constant "
-        "rate (the rival that beat the FM's labels; its rows and positives so far, this window's included): "
-        "label smoothing towards the prior while the FM is young and distrusted. 0: off. kd_sa: 1, the rival at "
-        "the FM's own weight (docs/results.md, 'The constant that beat the young FM').",
+        "rate (the kind of predictor that beat the FM's labels; its rows and positives so far, this window's "
+        "included): label smoothing towards the prior while the FM is young and distrusted. 0: off. kd_sa: 1, "
+        "at the FM's own weight (docs/results.md, 'The constant that beat the young FM').",
     )
     fm_gate_young_prior_when: Literal["always", "student_behind"] = Field(
         "student_behind",

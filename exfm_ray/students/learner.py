@@ -167,6 +167,9 @@ class StudentLearner:
         return student >= flat
 
     def step(self, batch: Batch) -> dict[str, float]:
+        """One training step on a batch of the window begun. The trainers call, per window, `begin_window`, then
+        `judge` with the student's scores of the whole window, then `step`; a learner never judged treats its student
+        as behind the constant (fm_gate_young_prior applies as with 'always')."""
         self.model.train()
         t_sa = None
         parts: dict[str, float] = {}

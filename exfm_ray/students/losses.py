@@ -124,10 +124,10 @@ def young_fm_loss(
     cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A window the gate distrusts, with the FM too young for a floor. The serving head learns the labels and,
-    at w * fm_gate_young_prior, the tenant's constant rate: the rival that beat the FM's labels, so the serving
-    head is still pulled towards a teacher, the better one. The young aux head `a` learns the (adapted) FM label
-    at w * fm_gate_young_aux: what the FM ranks still reaches the backbone; its calibration, which the gate found
-    wanting, does not reach the serving head."""
+    at w * fm_gate_young_prior, the tenant's constant rate `rate` (the kind of predictor that beat the FM's
+    labels), so the serving head is still pulled towards a teacher, the better one. The young aux head `a` learns
+    the (adapted) FM label at w * fm_gate_young_aux: what the FM ranks still reaches the backbone; its calibration,
+    which the gate found wanting, does not reach the serving head."""
     ls = serving_loss(s, y)
     loss, parts = ls, {"serving": float(ls.detach())}
     if cfg.fm_gate_young_prior > 0:

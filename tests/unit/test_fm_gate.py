@@ -229,27 +229,28 @@ def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it
     b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
     y = b.label
     wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=torch.ones_like(y, dtype=torch.bool))
-    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux=0")  # the serving head's part alone
+    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_aux=0,w=2,fm_gate_young_prior=0.5")  # the serving head's part
     assert variant(DEFAULT_VARIANT).fm_gate_young_prior == 1 and variant("kd_single_head").fm_gate_young_prior == 0
     assert variant(DEFAULT_VARIANT).fm_gate_young_prior_when == "student_behind"
+    before = torch.zeros_like(y)  # an earlier window without positives: the rate is the tenant's, not this window's
     grads = []
     for by_hand in (False, True):
         torch.manual_seed(0)
         learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(before, wrong.fm_logit, wrong.fm_mask)
         learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
-        assert not learner.fm_trusted
+        assert not learner.fm_trusted and len(learner.fm_record) == 2
         m = learner.model
         if by_hand:
             s = m(b.sparse, b.dense, b.history).s
-            rate = (float(y.sum()) + 0.5) / (len(y) + 1)
-            (bce(s, y).mean() + distill.w * bce(s, torch.full_like(s, rate)).mean()).backward()
+            rate = (float(y.sum()) + 0.5) / (2 * len(y) + 1)
+            (bce(s, y).mean() + 2 * 0.5 * bce(s, torch.full_like(s, rate)).mean()).backward()
         else:
             parts = learner.step(wrong)
             assert parts["young_prior"] > 0 and "kd" not in parts and parts["total"] > parts["serving"]
         grads.append(m.serving_head.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
-    for _ in range(2):  # 3 windows of record: the floor's FM term on the serving head, no constant
-        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+    learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)  # 3 windows of record: the floor's FM term, no constant
     assert "young_prior" not in learner.step(wrong)
     learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     learner.begin_window(y, -wrong.fm_logit, wrong.fm_mask)  # an FM that beats the constant: trusted
@@ -279,3 +280,14 @@ def test_the_constant_teaches_only_a_student_that_does_not_beat_it(world):
         ("student_behind", "good"): False, ("student_behind", "flat"): True,
         ("always", "good"): True, ("always", "flat"): True,
     }  # fmt: skip
+    # pooled over the student's last 3 windows: a good window outweighs two a little worse than the constant,
+    # and drops out after 3 more
+    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=1")
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    behind, worse = [], torch.full_like(y, 1.5 * float(y.mean()))
+    for scores in (good, worse, worse, worse):
+        learner.begin_window(y, wrong.fm_logit, wrong.fm_mask)
+        learner.judge(scores)
+        learner.judge(good)  # judged once per window: a second call records nothing
+        behind.append(learner.student_behind())
+    assert behind == [False, False, False, True] and len(learner.student_record) == 3
