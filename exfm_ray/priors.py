@@ -8,9 +8,14 @@ import math
 import torch
 
 
+def smoothed_rate(positives: float, rows: int) -> float:
+    """(pos + 0.5) / (n + 1): a positive rate that is finite with no positive."""
+    return (positives + 0.5) / (rows + 1)
+
+
 def base_rate(labels: torch.Tensor) -> float:
-    """Smoothed positive rate (pos + 0.5) / (n + 1) of a label vector: finite with no positive."""
-    return (float(labels.sum()) + 0.5) / (len(labels) + 1)
+    """Smoothed positive rate of a label vector."""
+    return smoothed_rate(float(labels.sum()), len(labels))
 
 
 def prior_logit(rate: float) -> float:

@@ -11,7 +11,7 @@ import torch
 
 from exfm_ray.data.batching import Batch
 from exfm_ray.optim import SplitOptimizer
-from exfm_ray.priors import base_rate, prior_logit
+from exfm_ray.priors import base_rate, prior_logit, smoothed_rate
 from exfm_ray.students.calibration import PLATT_PENALTY, platt_fit
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import adapter_loss, student_loss, young_fm_loss
@@ -79,7 +79,7 @@ class StudentLearner:
         reads numbers the trainer has when it trains on the window (its labels), never the scores.
         """
         labeled = fm_mask is not None and bool(fm_mask.any())
-        rate = (self.seen[1] + 0.5) / (self.seen[0] + 1) if self.seen[0] else base_rate(labels)
+        rate = smoothed_rate(self.seen[1], self.seen[0]) if self.seen[0] else base_rate(labels)
         self.scoring = (labels, rate)
         if not self.started:
             if self.cfg.base_rate_start:
@@ -198,13 +198,12 @@ class StudentLearner:
         # training-only head and fm_gate_young_prior puts the constant that beat them on the serving head
         out = self.model(batch.sparse, batch.dense, batch.history)
         young = len(self.fm_record) < FM_GATE_WINDOWS
-        to_young = out.young is not None or (self.distill.fm_gate_young_prior > 0 and self.distill.mode != "none")
-        prior = self.distill.fm_gate_young_prior if self.student_behind() else 0.0
-        if not self.fm_trusted and young and to_young:
-            rate = (self.seen[1] + 0.5) / (self.seen[0] + 1)  # the tenant's, this window's labels included
+        prior = self.distill.fm_gate_young_prior if self.distill.mode != "none" else 0.0
+        if not self.fm_trusted and young and (out.young is not None or prior > 0):
+            prior = prior if self.student_behind() else 0.0
+            rate = smoothed_rate(self.seen[1], self.seen[0])  # the tenant's, this window's labels included
             y, f, m = batch.label, batch.fm_logit, batch.fm_mask
-            distill = self.distill.model_copy(update={"fm_gate_young_prior": prior})
-            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, distill)
+            loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, prior, self.distill)
         else:
             mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
             if not self.fm_trusted and (young or self.distill.fm_gate_floor == 0):

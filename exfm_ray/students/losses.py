@@ -121,18 +121,20 @@ def young_fm_loss(
     mask: torch.Tensor,
     t_sa: torch.Tensor | None,
     rate: float,
+    prior: float,
     cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A window the gate distrusts, with the FM too young for a floor. The serving head learns the labels and,
-    at w * fm_gate_young_prior, the tenant's constant rate `rate` (the kind of predictor that beat the FM's
-    labels), so the serving head is still pulled towards a teacher, the better one. The young aux head `a` learns
-    the (adapted) FM label at w * fm_gate_young_aux: what the FM ranks still reaches the backbone; its calibration,
-    which the gate found wanting, does not reach the serving head."""
+    at w * prior (fm_gate_young_prior, or 0 while the student beats the constant), the tenant's constant rate
+    `rate` (the kind of predictor that beat the FM's labels), so the serving head is still pulled towards a
+    teacher, the better one. The young aux head `a` learns the (adapted) FM label at w * fm_gate_young_aux: what
+    the FM ranks still reaches the backbone; its calibration, which the gate found wanting, does not reach the
+    serving head."""
     ls = serving_loss(s, y)
     loss, parts = ls, {"serving": float(ls.detach())}
-    if cfg.fm_gate_young_prior > 0:
+    if prior > 0:
         lp = masked_mean(bce(s, torch.full_like(s, rate)), mask, cfg.mask_norm)
-        loss = loss + cfg.w * cfg.fm_gate_young_prior * lp
+        loss = loss + cfg.w * prior * lp
         parts["young_prior"] = float(lp.detach())
     if a is not None:
         kd = kd_loss(a, fm_logit, mask, t_sa, cfg)
