@@ -23,16 +23,23 @@ VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # The variant a tenant, `exfm run` and the experiment's guard use unless told otherwise: the
 # serving head distills the Student Adapter's label (the FM mapped onto fresh labels), at full
 # weight while the FM beats the base rate (fm_gate) and at half weight while it does not
-# (fm_gate_floor), once the gate has 3 windows of record. Before that, a distrusted FM's labels
-# teach the backbone through a training-only head at a tenth of w (fm_gate_young_aux), and the
-# serving head distills the constant that beat them while the student does not beat it either
-# (fm_gate_young_prior). Why not ah_sa: docs/results.md, "Rare positives and the default variant";
-# why the floor: "A floor under the FM gate"; the young FM: "The constant that beat the young FM".
+# (fm_gate_floor), once the gate has 3 windows of record. Before that, a distrusted FM's labels,
+# recalibrated on the labels so far (fm_gate_young_target), teach the backbone through a
+# training-only head at half of w (fm_gate_young_aux), and the serving head distills the constant
+# that beat them while the student does not beat it either (fm_gate_young_prior). Why not ah_sa:
+# docs/results.md, "Rare positives and the default variant"; why the floor: "A floor under the FM
+# gate"; the young FM: "The constant that beat the young FM" and "The young FM's ranking, recalibrated".
 DEFAULT_VARIANT = "kd_sa"
 # Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
 # override them ('kd_sa@fm_gate=false').
 VARIANT_KNOBS: dict[str, dict] = {
-    "kd_sa": {"fm_gate": True, "fm_gate_floor": 0.5, "fm_gate_young_aux": 0.1, "fm_gate_young_prior": 1.0}
+    "kd_sa": {
+        "fm_gate": True,
+        "fm_gate_floor": 0.5,
+        "fm_gate_young_aux": 0.5,
+        "fm_gate_young_target": "calibrated",
+        "fm_gate_young_prior": 1.0,
+    }
 }
 
 
@@ -144,10 +151,11 @@ class DistillConfig(Config):
         ge=0,
         le=1,
         description="Share of w at which, in a window the FM gate distrusts before it has 3 windows of record "
-        "(where no floor applies), a training-only auxiliary head learns the (adapted) FM label, reaching the "
-        "backbone through beta-scaled gradients; the serving head gets no FM term there. 0: the FM's labels are "
-        "dropped in those windows. kd_sa: 0.1 (0.15 and more put frappe-rare's 6-window form above the student "
-        "alone; docs/results.md, 'The constant that beat the young FM').",
+        "(where no floor applies), a training-only auxiliary head learns the FM's label (fm_gate_young_target), "
+        "reaching the backbone through beta-scaled gradients; the serving head gets no FM term there. 0: the FM's "
+        "labels are dropped in those windows. kd_sa: 0.5, recalibrated (1 puts frappe-rare's 6-window form above "
+        "the student alone; the adapted label already at 0.15; docs/results.md, 'The young FM's ranking, "
+        "recalibrated').",
     )
     fm_gate_young_prior: float = Field(
         0.0,
@@ -162,6 +170,13 @@ class DistillConfig(Config):
         "student_behind",
         description="When fm_gate_young_prior applies: in every such window, or only while the student's own "
         "scores of its last 3 windows (before training on them) do not beat the constant's by log loss.",
+    )
+    fm_gate_young_target: Literal["adapted", "calibrated"] = Field(
+        "adapted",
+        description="What fm_gate_young_aux's head learns: the (adapted) FM label, or the FM's label after a Platt "
+        "fit on the labels of this window and the 2 before (shrunk towards the FM as it is by fm_calibrate_prior): "
+        "its ranking, without the calibration the gate found wanting (a young FM's first labels can be far "
+        "overconfident). kd_sa: calibrated.",
     )
     fm_gate_target: Literal["fm", "adapted", "calibrated"] = Field(
         "fm",

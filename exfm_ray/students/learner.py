@@ -50,6 +50,7 @@ class StudentLearner:
         self.seen = (0, 0.0)  # rows and positives of the windows begun so far: the constant the FM must beat
         # the FM's labels recalibrated (fm_calibrate): logit -> a * logit + b, fitted on fm_rows
         self.fm_affine = (1.0, 0.0)
+        self.young_affine = (1.0, 0.0)  # the young head's recalibration (fm_gate_young_target='calibrated')
         self.fm_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: labels, FM logits
         # labels, gate target, mask of the window begun, until `judge` (fm_gate_against='student')
         self.judging: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -108,10 +109,18 @@ class StudentLearner:
             losses = fm_and_constant_loss(labels[fm_mask], target, rate)
             fm_loss, flat_loss, spread = self._pool(losses, float(labels[fm_mask].sum()))
             calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
-            if calibrated:
+            # the young head's target is fitted only while the FM is young (the head learns nothing after)
+            young_calibrated = (
+                self.distill.fm_gate_young_target == "calibrated"
+                and self.distill.fm_gate_young_aux > 0
+                and len(self.fm_record) < FM_GATE_WINDOWS
+            )
+            if calibrated or young_calibrated:
                 self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
                 y, f = (torch.cat(x) for x in zip(*self.fm_rows, strict=True))
                 a, b = platt_fit(y, f, self.distill.fm_calibrate_prior)
+                self.young_affine = (a, b) if young_calibrated else (1.0, 0.0)
+            if calibrated:
                 raw_wins = fm_loss < flat_loss
                 if self.distill.fm_calibrate == "fallback":
                     # the FM as it is where it beats the constant; recalibrated where it loses
@@ -174,6 +183,7 @@ class StudentLearner:
         t_sa = None
         parts: dict[str, float] = {}
         adapter = self.model.adapter
+        raw_fm = batch.fm_logit  # the young head's recalibration is fitted on the FM as it is
         if self.fm_affine != (1.0, 0.0):
             batch = dataclasses.replace(batch, fm_logit=batch.fm_logit * self.fm_affine[0] + self.fm_affine[1])
         if adapter is not None and self.sa_opt is not None:
@@ -203,6 +213,9 @@ class StudentLearner:
             prior = prior if self.student_behind() else 0.0
             rate = smoothed_rate(self.seen[1], self.seen[0])  # the tenant's, this window's labels included
             y, f, m = batch.label, batch.fm_logit, batch.fm_mask
+            if self.distill.fm_gate_young_target == "calibrated":
+                # the FM's ranking without its calibration, which the gate found wanting, for the young head only
+                t_sa = torch.sigmoid(raw_fm * self.young_affine[0] + self.young_affine[1])
             loss, vm_parts = young_fm_loss(out.s, out.young, y, f, m, t_sa, rate, prior, self.distill)
         else:
             mask, distill = batch.fm_mask, self.distill if self.fm_trusted else self.floored
@@ -227,6 +240,7 @@ class StudentLearner:
             "seen": self.seen,
             "fm_record": self.fm_record,
             "fm_affine": self.fm_affine,
+            "young_affine": self.young_affine,
             "fm_rows": self.fm_rows,
             "student_record": self.student_record,
         }
@@ -252,6 +266,7 @@ class StudentLearner:
             for x in state.get("fm_record", [])
         ]
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
+        self.young_affine = tuple(state.get("young_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.student_record = [tuple(x) for x in state.get("student_record", [])]
         self.vm_opt.load_state_dict(vm_opt)

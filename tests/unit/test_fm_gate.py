@@ -179,10 +179,10 @@ def test_a_gate_floor_keeps_that_share_of_the_distillation_in_distrusted_windows
 
 
 def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_the_serving_head(world):
-    """fm_gate_young_aux (kd_sa: 0.1): in a window the gate distrusts before it has 3 windows of record, the
-    adapted label goes to a training-only head at w * share. The serving head's gradient is the labels' alone
-    (the same as with the FM's labels dropped); the backbone's is not. Trusted windows and the floor's
-    windows train as before, and a checkpoint from before the head loads with a fresh one."""
+    """fm_gate_young_aux (kd_sa: 0.5): in a window the gate distrusts before it has 3 windows of record, the
+    FM's label (recalibrated in kd_sa) goes to a training-only head at w * share. The serving head's gradient is
+    the labels' alone (the same as with the FM's labels dropped); the backbone's is not. Trusted windows and the
+    floor's windows train as before, and a checkpoint from before the head loads with a fresh one."""
     spec, rows = world
     b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
     y = b.label
@@ -216,7 +216,8 @@ def test_a_young_distrusted_fm_teaches_the_backbone_through_an_aux_head_never_th
     assert torch.equal(learner.model.serving_head.weight, learners[0.0].model.serving_head.weight)
     assert torch.equal(learner.model.aux_young.bias, learners[0.0].model.serving_head.bias)
     assert "young_aux" in learner.step(wrong)
-    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0.1 and variant("kd_single_head").fm_gate_young_aux == 0
+    assert variant(DEFAULT_VARIANT).fm_gate_young_aux == 0.5 and variant("kd_single_head").fm_gate_young_aux == 0
+    assert variant(DEFAULT_VARIANT).fm_gate_young_target == "calibrated"
 
 
 def test_a_young_distrusted_fm_leaves_the_serving_head_the_constant_that_beat_it(world):
@@ -291,3 +292,41 @@ def test_the_constant_teaches_only_a_student_that_does_not_beat_it(world):
         learner.judge(good)  # judged once per window: a second call records nothing
         behind.append(learner.student_behind())
     assert behind == [False, False, False, True] and len(learner.student_record) == 3
+
+
+def test_a_young_head_learns_the_young_fms_ranking_recalibrated(world):
+    """fm_gate_young_target='calibrated': the young head learns sigmoid(a * f + b), (a, b) a Platt fit of the FM's
+    logits on the labels of the windows so far (shrunk by fm_calibrate_prior), not the overconfident label the gate
+    distrusted; fitted only while the FM is young, and kept in the checkpoint."""
+    from exfm_ray.students.calibration import platt_fit
+    from exfm_ray.students.losses import bce
+
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y = b.label
+    f = torch.where(y > 0, 5.0, 2.0) + 0.5 * torch.randn(len(y), generator=torch.Generator().manual_seed(0))
+    batch = dataclasses.replace(b, fm_logit=f, fm_mask=torch.ones_like(y, dtype=torch.bool))  # ranks, overconfident
+    distill = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=0")  # kd_sa's young head: 0.5, recalibrated
+    a, shift = platt_fit(y, f, distill.fm_calibrate_prior)
+    target = torch.sigmoid(a * f + shift)
+    assert bce(torch.logit(target), y).mean() < bce(f, y).mean()  # the fit mends the calibration
+    grads = []
+    for by_hand in (False, True):
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, f, batch.fm_mask)
+        assert not learner.fm_trusted and learner.young_affine == (a, shift)
+        m = learner.model
+        if by_hand:
+            out = m(b.sparse, b.dense, b.history)
+            (bce(out.s, y).mean() + distill.w * 0.5 * bce(out.young, target).mean()).backward()
+        else:
+            assert learner.step(batch)["young_aux"] > 0
+        grads.append(m.aux_young.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    resumed.load_state_dict(learner.state_dict())
+    assert resumed.young_affine == (a, shift)
+    for _ in range(2):  # 3 windows of record: no young head, no more fits
+        learner.begin_window(y, f, batch.fm_mask)
+    assert len(learner.fm_rows) == 2

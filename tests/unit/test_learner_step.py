@@ -147,11 +147,12 @@ def test_learner_state_is_plain_data_that_loads_weights_only(world, name):
     resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert len(learner.student_record) == 1
-    for key in ("seen", "fm_affine", "fm_trusted", "fm_record", "student_record"):
+    for key in ("seen", "fm_affine", "young_affine", "fm_trusted", "fm_record", "student_record"):
         assert getattr(resumed, key) == getattr(learner, key), key
     old = {k: v for k, v in learner.state_dict().items() if k != "student_record"}  # a checkpoint from before it
     resumed.load_state_dict(old)
     assert resumed.student_record == []
-    assert len(resumed.fm_rows) == len(learner.fm_rows) == (1 if "fm_calibrate" in name else 0)
+    # rows kept for a Platt fit: fm_calibrate's, and kd_sa's young head's (recalibrated)
+    assert len(resumed.fm_rows) == len(learner.fm_rows) == (1 if "fm_calibrate" in name or name == "kd_sa" else 0)
     with torch.no_grad():
         torch.testing.assert_close(resumed.predict(b), learner.predict(b))
