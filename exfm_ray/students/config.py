@@ -174,7 +174,8 @@ class DistillConfig(Config):
     fm_gate_young_target: Literal["adapted", "calibrated"] = Field(
         "adapted",
         description="What fm_gate_young_aux's head learns: the (adapted) FM label, or the FM's label after a Platt "
-        "fit on the labels of this window and the 2 before (shrunk towards the FM as it is by fm_calibrate_prior): "
+        "fit on the labels of the FM's windows so far (its first one or two, while the head learns; shrunk towards "
+        "the FM as it is by fm_calibrate_prior): "
         "its ranking, without the calibration the gate found wanting (a young FM's first labels can be far "
         "overconfident). kd_sa: calibrated.",
     )

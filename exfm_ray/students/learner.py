@@ -103,23 +103,26 @@ class StudentLearner:
             if adapter is not None and self.distill.fm_gate_target == "adapted":
                 with torch.no_grad():
                     target = adapter(target)
-        if labeled and self.distill.fm_gate_against == "student":
-            self.judging = (labels[fm_mask], target.detach(), fm_mask)  # indexing copied them; see `judge`
-        elif labeled:
-            losses = fm_and_constant_loss(labels[fm_mask], target, rate)
-            fm_loss, flat_loss, spread = self._pool(losses, float(labels[fm_mask].sum()))
+            # (a gate judging against the student has no recalibration of its own: it judges in `judge`)
             calibrated = self.distill.fm_calibrate or self.distill.fm_gate_target == "calibrated"
-            # the young head's target is fitted only while the FM is young (the head learns nothing after)
+            calibrated = calibrated and self.distill.fm_gate_against != "student"
+            # the young head's target, fitted only while the FM is young (this window's record not yet counted)
             young_calibrated = (
-                self.distill.fm_gate_young_target == "calibrated"
+                self.distill.fm_gate
+                and self.distill.fm_gate_young_target == "calibrated"
                 and self.distill.fm_gate_young_aux > 0
-                and len(self.fm_record) < FM_GATE_WINDOWS
+                and len(self.fm_record) + 1 < FM_GATE_WINDOWS
             )
             if calibrated or young_calibrated:
                 self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
                 y, f = (torch.cat(x) for x in zip(*self.fm_rows, strict=True))
                 a, b = platt_fit(y, f, self.distill.fm_calibrate_prior)
-                self.young_affine = (a, b) if young_calibrated else (1.0, 0.0)
+            self.young_affine = (a, b) if young_calibrated else (1.0, 0.0)
+        if labeled and self.distill.fm_gate_against == "student":
+            self.judging = (labels[fm_mask], target.detach(), fm_mask)  # indexing copied them; see `judge`
+        elif labeled:
+            losses = fm_and_constant_loss(labels[fm_mask], target, rate)
+            fm_loss, flat_loss, spread = self._pool(losses, float(labels[fm_mask].sum()))
             if calibrated:
                 raw_wins = fm_loss < flat_loss
                 if self.distill.fm_calibrate == "fallback":

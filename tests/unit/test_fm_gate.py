@@ -311,11 +311,17 @@ def test_a_young_head_learns_the_young_fms_ranking_recalibrated(world):
     target = torch.sigmoid(a * f + shift)
     assert bce(torch.logit(target), y).mean() < bce(f, y).mean()  # the fit mends the calibration
     grads = []
-    for by_hand in (False, True):
+    # the same target whatever else recalibrates the FM (fm_calibrate: the serving side's, applied once) and
+    # whichever gate judges it (against the student: judged later, in `judge`)
+    for knobs, by_hand in (("", False), ("", True), (",fm_calibrate=true", False), (",fm_gate_against=student", None)):
         torch.manual_seed(0)
-        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        d = variant(f"{DEFAULT_VARIANT}@fm_gate_young_prior=0{knobs}")
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), d), StudentConfig(), d)
         learner.begin_window(y, f, batch.fm_mask)
-        assert not learner.fm_trusted and learner.young_affine == (a, shift)
+        assert learner.young_affine == (a, shift), knobs
+        if by_hand is None:
+            continue
+        assert not learner.fm_trusted
         m = learner.model
         if by_hand:
             out = m(b.sparse, b.dense, b.history)
@@ -323,10 +329,16 @@ def test_a_young_head_learns_the_young_fms_ranking_recalibrated(world):
         else:
             assert learner.step(batch)["young_aux"] > 0
         grads.append(m.aux_young.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(grads[2], grads[1], atol=1e-7)
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+    learner.begin_window(y, f, batch.fm_mask)
     resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     resumed.load_state_dict(learner.state_dict())
     assert resumed.young_affine == (a, shift)
     for _ in range(2):  # 3 windows of record: no young head, no more fits
         learner.begin_window(y, f, batch.fm_mask)
-    assert len(learner.fm_rows) == 2
+    assert len(learner.fm_rows) == 2 and learner.young_affine == (1.0, 0.0)
+    ungated = variant(f"{DEFAULT_VARIANT}@fm_gate=false")  # no gate, no young head: nothing to fit
+    learner = StudentLearner(build_student(spec, "feed", StudentConfig(), ungated), StudentConfig(), ungated)
+    learner.begin_window(y, f, batch.fm_mask)
+    assert learner.young_affine == (1.0, 0.0) and learner.fm_rows == []
