@@ -50,7 +50,8 @@ class StudentLearner:
         self.seen = (0, 0.0)  # rows and positives of the windows begun so far: the constant the FM must beat
         # the FM's labels recalibrated (fm_calibrate): logit -> a * logit + b, fitted on fm_rows
         self.fm_affine = (1.0, 0.0)
-        self.young_affine = (1.0, 0.0)  # the young head's recalibration (fm_gate_young_target='calibrated')
+        # the young head's recalibration (fm_gate_young_target='calibrated'), refitted every window it is used in
+        self.young_affine = (1.0, 0.0)
         self.fm_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: labels, FM logits
         # labels, gate target, mask of the window begun, until `judge` (fm_gate_against='student')
         self.judging: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -117,6 +118,8 @@ class StudentLearner:
                 self.fm_rows = [*self.fm_rows, (labels[fm_mask].clone(), fm_logit[fm_mask].clone())][-FM_GATE_WINDOWS:]
                 y, f = (torch.cat(x) for x in zip(*self.fm_rows, strict=True))
                 a, b = platt_fit(y, f, self.distill.fm_calibrate_prior)
+            else:
+                self.fm_rows = []  # the young head's rows, once it is done with them
             self.young_affine = (a, b) if young_calibrated else (1.0, 0.0)
         if labeled and self.distill.fm_gate_against == "student":
             self.judging = (labels[fm_mask], target.detach(), fm_mask)  # indexing copied them; see `judge`
@@ -243,7 +246,6 @@ class StudentLearner:
             "seen": self.seen,
             "fm_record": self.fm_record,
             "fm_affine": self.fm_affine,
-            "young_affine": self.young_affine,
             "fm_rows": self.fm_rows,
             "student_record": self.student_record,
         }
@@ -269,7 +271,6 @@ class StudentLearner:
             for x in state.get("fm_record", [])
         ]
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
-        self.young_affine = tuple(state.get("young_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.student_record = [tuple(x) for x in state.get("student_record", [])]
         self.vm_opt.load_state_dict(vm_opt)

@@ -127,9 +127,9 @@ def young_fm_loss(
     """A window the gate distrusts, with the FM too young for a floor. The serving head learns the labels and,
     at w * prior (fm_gate_young_prior, or 0 while the student beats the constant), the tenant's constant rate
     `rate` (the kind of predictor that beat the FM's labels), so the serving head is still pulled towards a
-    teacher, the better one. The young aux head `a` learns the (adapted) FM label at w * fm_gate_young_aux: what
-    the FM ranks still reaches the backbone; its calibration, which the gate found wanting, does not reach the
-    serving head."""
+    teacher, the better one. The young aux head `a` learns `t_sa` (the adapted or the recalibrated FM label, by
+    fm_gate_young_target; the FM's own where there is neither) at w * fm_gate_young_aux: what the FM ranks still
+    reaches the backbone; its calibration, which the gate found wanting, does not reach the serving head."""
     ls = serving_loss(s, y)
     loss, parts = ls, {"serving": float(ls.detach())}
     if prior > 0:

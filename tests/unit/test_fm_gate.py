@@ -297,7 +297,7 @@ def test_the_constant_teaches_only_a_student_that_does_not_beat_it(world):
 def test_a_young_head_learns_the_young_fms_ranking_recalibrated(world):
     """fm_gate_young_target='calibrated': the young head learns sigmoid(a * f + b), (a, b) a Platt fit of the FM's
     logits on the labels of the windows so far (shrunk by fm_calibrate_prior), not the overconfident label the gate
-    distrusted; fitted only while the FM is young, and kept in the checkpoint."""
+    distrusted; fitted only while the FM is young, and refitted alike after a resume."""
     from exfm_ray.students.calibration import platt_fit
     from exfm_ray.students.losses import bce
 
@@ -334,10 +334,12 @@ def test_a_young_head_learns_the_young_fms_ranking_recalibrated(world):
     learner.begin_window(y, f, batch.fm_mask)
     resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     resumed.load_state_dict(learner.state_dict())
-    assert resumed.young_affine == (a, shift)
-    for _ in range(2):  # 3 windows of record: no young head, no more fits
-        learner.begin_window(y, f, batch.fm_mask)
-    assert len(learner.fm_rows) == 2 and learner.young_affine == (1.0, 0.0)
+    for x in (learner, resumed):  # the second young window: a fit on both windows' rows, the same after a resume
+        x.begin_window(y, 1.5 * f, batch.fm_mask)
+    both = platt_fit(y.repeat(2), torch.cat([f, 1.5 * f]), distill.fm_calibrate_prior)
+    assert resumed.young_affine == learner.young_affine == both
+    learner.begin_window(y, f, batch.fm_mask)  # 3 windows of record: no young head, no more fits, no rows kept
+    assert learner.fm_rows == [] and learner.young_affine == (1.0, 0.0)
     ungated = variant(f"{DEFAULT_VARIANT}@fm_gate=false")  # no gate, no young head: nothing to fit
     learner = StudentLearner(build_student(spec, "feed", StudentConfig(), ungated), StudentConfig(), ungated)
     learner.begin_window(y, f, batch.fm_mask)

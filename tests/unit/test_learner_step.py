@@ -147,7 +147,7 @@ def test_learner_state_is_plain_data_that_loads_weights_only(world, name):
     resumed = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert len(learner.student_record) == 1
-    for key in ("seen", "fm_affine", "young_affine", "fm_trusted", "fm_record", "student_record"):
+    for key in ("seen", "fm_affine", "fm_trusted", "fm_record", "student_record"):
         assert getattr(resumed, key) == getattr(learner, key), key
     old = {k: v for k, v in learner.state_dict().items() if k != "student_record"}  # a checkpoint from before it
     resumed.load_state_dict(old)
