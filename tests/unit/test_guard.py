@@ -45,6 +45,10 @@ def test_the_guard_serves_the_lowest_trailing_ne_and_says_why():
     # the constant must win clearly: by less than the margin, the better student keeps serving
     near = [_rec(t, 1000, 100, 0.3265, 0.33, 0.325) for t in range(3)]
     assert decide(near, 3).serve == "exfm"
+    by_1_5_pct = [_rec(t, 1000, 100, 0.330, 0.34, 0.325) for t in range(3)]
+    assert decide(by_1_5_pct, 3).serve == "exfm"
+    by_2_5_pct = [_rec(t, 1000, 100, 0.3335, 0.34, 0.325) for t in range(3)]
+    assert decide(by_2_5_pct, 3).serve == "base_rate"
     tie = [_rec(0, 1000, 100, 0.30, 0.30, 0.33)]
     assert decide(tie, 3).serve == "exfm"  # ties go to the ExFM student
     # only the trailing windows count: an old bad window is forgotten
