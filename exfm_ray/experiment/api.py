@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from exfm_ray.data.sources import load_stream
@@ -35,6 +36,7 @@ def experiment(cfg: ExperimentConfig, out_dir: Path, show_progress: bool = True)
         "fm_delay": cfg.fm_delay,
         "warmup": cfg.warmup_windows,
         "leaky": cfg.leaky,
+        "machine": machine(),
         "config": cfg.model_dump(mode="json"),
         **summarize(records, cfg.warmup_windows),
         **stats,
@@ -55,9 +57,21 @@ def sweep(cfg: ExperimentConfig, name: str, out_dir: Path, show_progress: bool =
     total = sum(count_steps(p, spec.num_windows, len(spec.tenants)) for _, p in points)
     with _bar(total, f"sweep {name}", show_progress) as progress:
         result = run_sweep(name, cfg, stream, progress)
-    result = json_safe({**result, "description": spec.description, "seconds": round(time.perf_counter() - start, 1)})
+    result = {**result, "description": spec.description, "machine": machine()}
+    result = json_safe({**result, "seconds": round(time.perf_counter() - start, 1)})
     result["paths"] = {k: str(v) for k, v in write_sweep(result, out_dir).items()}
     return result
+
+
+def machine() -> dict:
+    """What the figures depend on beyond the code and the seeds: the FM's training follows the CPU's vector
+    kernels (AVX2 against AVX512 moved synthetic-ads-rare's FM NE by 0.9%, docs/results.md "The FM's labels and
+    the CPU"), so results from two machines compare only through arms measured in the same run."""
+    return {
+        "torch": torch.__version__,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 @contextmanager

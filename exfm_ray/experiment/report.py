@@ -78,6 +78,16 @@ def summarize(records: list[dict], warmup: int) -> dict:
     }
 
 
+def _machine_line(m: dict | None) -> list[str]:
+    if not m:
+        return []
+    return [
+        "",
+        f"Machine: torch {m['torch']}, CPU kernels {m['cpu_kernels']}, {m['threads']} threads. The FM's labels "
+        "follow the kernels: compare arms within one run.",
+    ]
+
+
 def variants_of(summary: dict) -> dict[str, dict]:
     """The per-variant entries of a summary (it also names the default variant)."""
     return {v: s for v, s in summary.items() if isinstance(s, dict)}
@@ -153,6 +163,7 @@ def markdown(results: dict) -> str:
         f"Default variant: `{default}`. TR = transfer ratio, the share of the FM's gain over vm_only that the "
         "student captures. Worst window = the post-warm-up window (NE averaged over tenants, mean over seeds) "
         "where the variant is furthest above vm_only.",
+        *_machine_line(results.get("machine")),
         "",
         "| variant | NE mean | NE std | NE vs vm_only | worst window | TR | AUC mean | calibration |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -2,6 +2,7 @@ import argparse
 import json
 
 import pytest
+import torch
 import yaml
 
 from jobs.cli import build_parser, main
@@ -92,6 +93,10 @@ def test_experiment_runs_from_a_config_file(tmp_path, capsys):
     assert data["seeds"] == 1 and {"fm", "vm_only", "ah", "base_rate"} == {
         v for v, s in data["summary"].items() if isinstance(s, dict)
     }
+    # the kernels the FM trained with travel with the figures (they move the FM's labels)
+    assert data["machine"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert data["machine"]["torch"] == torch.__version__
+    assert f"CPU kernels {torch.backends.cpu.get_cpu_capability()}" in (tmp_path / "o" / "results.md").read_text()
 
 
 @pytest.mark.parametrize(
