@@ -57,8 +57,8 @@ def sweep(cfg: ExperimentConfig, name: str, out_dir: Path, show_progress: bool =
     total = sum(count_steps(p, spec.num_windows, len(spec.tenants)) for _, p in points)
     with _bar(total, f"sweep {name}", show_progress) as progress:
         result = run_sweep(name, cfg, stream, progress)
-    result = {**result, "description": spec.description, "machine": machine()}
-    result = json_safe({**result, "seconds": round(time.perf_counter() - start, 1)})
+    seconds = round(time.perf_counter() - start, 1)
+    result = json_safe({**result, "description": spec.description, "machine": machine(), "seconds": seconds})
     result["paths"] = {k: str(v) for k, v in write_sweep(result, out_dir).items()}
     return result
 
