@@ -200,6 +200,14 @@ def markdown(results: dict) -> str:
             f"({', '.join(f'{k} {n:,}' for k, n in store['entities'].items())}), {store['bytes'] / 2**20:.2f} MiB, "
             f"{store['bytes'] / max(entities, 1):.0f} bytes per entity.",
         ]
+    verdicts = results.get("young_fm", [])
+    for v in sorted({v for x in verdicts for v in x["on"]}):
+        on, zs = sum(x["on"][v] for x in verdicts), [x["z"] for x in verdicts]
+        lines += [
+            "",
+            f"Young FM (`{v}`): judged to out-rank the students on its first labeled window in {on} of "
+            f"{len(verdicts)} seeds (pooled AUC gap over tenants, z {min(zs):+.2f} to {max(zs):+.2f}).",
+        ]
     if results.get("leaky"):
         lines += ["", "**FM delay 0 is a leaky oracle (the FM was trained on the window it labels): diagnostic only.**"]
     return "\n".join(lines) + "\n"

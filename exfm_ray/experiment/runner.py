@@ -9,7 +9,7 @@ Every variant of a seed reads the same FM labels, the same data and the same ini
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ from exfm_ray.students.config import DEFAULT_VARIANT, variant
 from exfm_ray.students.guard import blend
 from exfm_ray.students.learner import StudentLearner
 from exfm_ray.students.model import build_student
+from exfm_ray.students.young_fm import RankEvidence, rank_evidence, young_verdict
 
 Progress = Callable[[int, str], None]
 
@@ -48,7 +49,8 @@ def run_experiment(
     """Run every seed and variant; returns one record per (seed, variant, tenant, window).
 
     `progress(steps, label)` is called as work completes; total steps = `count_steps(cfg, stream)`.
-    `stats`, if given, receives what is not a record: the LoopFM store's size per seed.
+    `stats`, if given, receives what is not a record: the LoopFM store's size per seed, and the young FM's
+    verdict per seed (fm_gate_young_z).
     """
     stream = stream or load_stream(cfg.source)
     spec = stream.spec
@@ -79,10 +81,16 @@ def run_experiment(
                 logit = logit + cfg.fm_bias.get(name, 0.0)
                 part.rows.set_fm(logit, torch.ones(len(part.index), dtype=torch.bool))
                 records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
+        evidence = _young_evidence(cfg, stream, parts, seed) if _judges_young(cfg) else None
+        if evidence is not None and stats is not None:
+            verdict = young_verdict(evidence, 0.0).to_dict()
+            knobs = cfg.knobs.model_dump()
+            on = {v: verdict["z"] > z for v in cfg.variants if (z := variant(v, **knobs).fm_gate_young_z) is not None}
+            stats.setdefault("young_fm", []).append({"seed": seed, **verdict, "on": on})
         for name in spec.tenant_names:
             preds: dict[str, dict[int, torch.Tensor]] = {v: {} for v in (DEFAULT_VARIANT, CONTROL) if v in cfg.variants}
             for v in cfg.variants:
-                records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim, preds.get(v))
+                records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim, preds.get(v), evidence)
             records += _blend_records(seed, name, parts, preds)
     return records + _guard_records(cfg, parts, records)
 
@@ -117,6 +125,55 @@ def _split_by_tenant(stream: Stream, t: int, full: WindowTensors) -> dict[str, T
         if len(index):
             out[name] = TenantWindow(WindowTensors(stream.tenant_rows(t, name), stream.spec), index)
     return out
+
+
+def _judges_young(cfg: ExperimentConfig) -> bool:
+    return any(variant(v, **cfg.knobs.model_dump()).fm_gate_young_z is not None for v in cfg.variants)
+
+
+def _young_evidence(
+    cfg: ExperimentConfig, stream: Stream, parts: list[dict[str, TenantWindow]], seed: int
+) -> list[RankEvidence]:
+    """Per tenant, the FM against the student on the FM's first labeled window (students/young_fm.py): the
+    student trained on labels alone before it, which every variant's student is at that point (no FM label
+    came before), so one pass of vm_only's serves them all."""
+    labeled = [t for t, by in enumerate(parts) if any(bool(p.rows.fm_mask.any()) for p in by.values())]
+    out: list[RankEvidence] = []
+    for name in stream.spec.tenant_names if labeled else []:
+        learner = _learner(cfg, stream, seed, "vm_only", name)
+        for t, rows, p in _walk(learner, stream, parts, name, cfg.student.batch_size):
+            if t == labeled[0]:
+                e = rank_evidence(rows.label, rows.fm_logit, p, rows.fm_mask) if rows is not None else None
+                out += [e] if e is not None else []
+                break
+    return out
+
+
+def _learner(cfg: ExperimentConfig, stream: Stream, seed: int, variant_name: str, tenant: str, fm_dim: int = 0):
+    spec = stream.spec
+    distill = variant(variant_name, **cfg.knobs.model_dump())
+    # Same init for every variant of a seed: the training-only heads are built after the shared parts.
+    torch.manual_seed(seed * 1000 + spec.tenant_names.index(tenant))
+    return StudentLearner(build_student(spec, tenant, cfg.student, distill, fm_dim), cfg.student, distill)
+
+
+def _walk(
+    learner: StudentLearner, stream: Stream, parts: list[dict[str, TenantWindow]], tenant: str, batch_size: int
+) -> Iterator[tuple[int, WindowTensors | None, torch.Tensor | None]]:
+    """Per window in time order: score the tenant's rows (progressive validation), yield (t, rows, scores), then
+    train one pass on them; (t, None, None) where the tenant has no rows."""
+    features, dense = learner.model.feature_names, stream.spec.tenant(tenant).dense
+    for t, by_tenant in enumerate(parts):
+        if tenant not in by_tenant:
+            yield t, None, None
+            continue
+        rows = by_tenant[tenant].rows
+        learner.begin_window(rows.label, rows.fm_logit, rows.fm_mask)
+        p = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
+        learner.judge(p)
+        yield t, rows, p
+        for b in rows.batches(batch_size, features, dense):
+            learner.step(b)
 
 
 def _fm_labels(
@@ -154,26 +211,20 @@ def _run_student(
     progress: Progress | None,
     fm_dim: int = 0,
     preds: dict[int, torch.Tensor] | None = None,
+    evidence: list[RankEvidence] | None = None,
 ) -> list[dict]:
-    """The variant's records per window; `preds`, if given, receives its probabilities per window."""
-    spec = stream.spec
-    distill = variant(variant_name, **cfg.knobs.model_dump())
-    # Same init for every variant of a seed: the training-only heads are built after the shared parts.
-    torch.manual_seed(seed * 1000 + spec.tenant_names.index(tenant))
-    learner = StudentLearner(build_student(spec, tenant, cfg.student, distill, fm_dim), cfg.student, distill)
-    features, dense = learner.model.feature_names, spec.tenant(tenant).dense
+    """The variant's records per window; `preds`, if given, receives its probabilities per window; `evidence`:
+    the tenants' on the FM's first labeled window, for a variant that judges the young FM."""
+    learner = _learner(cfg, stream, seed, variant_name, tenant, fm_dim)
+    z = learner.distill.fm_gate_young_z
+    if z is not None and evidence is not None:
+        learner.settle_young(young_verdict(evidence, z))
     out = []
-    for t, by_tenant in enumerate(parts):
-        if tenant in by_tenant:
-            rows = by_tenant[tenant].rows
-            learner.begin_window(rows.label, rows.fm_logit, rows.fm_mask)
-            p = torch.cat([learner.predict(b) for b in rows.batches(4096, features, dense)])
-            learner.judge(p)
+    for t, rows, p in _walk(learner, stream, parts, tenant, cfg.student.batch_size):
+        if rows is not None:
             out.append(_record(seed, variant_name, tenant, t, rows.label, p))
             if preds is not None:
                 preds[t] = p
-            for b in rows.batches(cfg.student.batch_size, features, dense):
-                learner.step(b)
         if progress:
             progress(1, f"seed {seed} {variant_name} {tenant} window {t}")
     return out

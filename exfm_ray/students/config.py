@@ -26,9 +26,11 @@ VARIANTS = (*BASE_VARIANTS, "loopfm", f"kd_sa{LOOPFM}")
 # (fm_gate_floor), once the gate has 3 windows of record. Before that, a distrusted FM's labels,
 # recalibrated on the labels so far (fm_gate_young_target), teach the backbone through a
 # training-only head at half of w (fm_gate_young_aux), and the serving head distills the constant
-# that beat them while the student does not beat it either (fm_gate_young_prior). Why not ah_sa:
-# docs/results.md, "Rare positives and the default variant"; why the floor: "A floor under the FM
-# gate"; the young FM: "The constant that beat the young FM" and "The young FM's ranking, recalibrated".
+# that beat them while the student does not beat it either (fm_gate_young_prior); both only while the
+# young FM out-ranks the students across tenants on its first labeled window (fm_gate_young_z). Why not
+# ah_sa: docs/results.md, "Rare positives and the default variant"; why the floor: "A floor under the FM
+# gate"; the young FM: "The constant that beat the young FM", "The young FM's ranking, recalibrated" and
+# "Judging the young FM across tenants".
 DEFAULT_VARIANT = "kd_sa"
 # Knob defaults a variant brings; the paper's variants keep DistillConfig's. Own knobs after '@'
 # override them ('kd_sa@fm_gate=false').
@@ -39,6 +41,7 @@ VARIANT_KNOBS: dict[str, dict] = {
         "fm_gate_young_aux": 0.5,
         "fm_gate_young_target": "calibrated",
         "fm_gate_young_prior": 1.0,
+        "fm_gate_young_z": 2.0,
     }
 }
 
@@ -170,6 +173,13 @@ class DistillConfig(Config):
         "student_behind",
         description="When fm_gate_young_prior applies: in every such window, or only while the student's own "
         "scores of its last 3 windows (before training on them) do not beat the constant's by log loss.",
+    )
+    fm_gate_young_z: float | None = Field(
+        None,
+        description="fm_gate_young_aux and fm_gate_young_prior apply only if, on the FM's first labeled window, the "
+        "FM out-ranks the students (their scores before training on it) by more than this many standard errors "
+        "of the AUC gap pooled over all tenants (exfm_ray/students/young_fm.py); the trainers pool it, a learner "
+        "never told applies them. None: always. kd_sa: 2 (docs/results.md, 'Judging the young FM across tenants').",
     )
     fm_gate_young_target: Literal["adapted", "calibrated"] = Field(
         "adapted",

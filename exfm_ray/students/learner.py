@@ -16,6 +16,7 @@ from exfm_ray.students.calibration import PLATT_PENALTY, platt_fit
 from exfm_ray.students.config import DistillConfig, StudentConfig
 from exfm_ray.students.losses import adapter_loss, student_loss, young_fm_loss
 from exfm_ray.students.model import Student
+from exfm_ray.students.young_fm import RankEvidence, YoungVerdict, rank_evidence
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
 # The FM gate pools its evidence over the current window and the ones before it: one window of a
@@ -62,6 +63,12 @@ class StudentLearner:
         # (fm_gate_young_prior_when='student_behind'); the window's labels and constant until `judge`
         self.student_record: list[tuple[float, float]] = []
         self.scoring: tuple[torch.Tensor, float] | None = None
+        # fm_gate_young_z: the FM's first labeled window until `judge` (labels, FM logits, mask), then this
+        # tenant's evidence, awaiting the verdict pooled over tenants that the trainer hands to `settle_young`
+        self.ranking: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.young_pending = False
+        self.young_evidence: RankEvidence | None = None
+        self.young_verdict: YoungVerdict | None = None  # None: never judged, the young FM's terms apply
         # what the VM step distills with in a window the gate distrusts (fm_gate_floor > 0)
         f = distill.fm_gate_floor
         self.floored = distill.model_copy(
@@ -97,6 +104,8 @@ class StudentLearner:
                 positives = float(y.sum())
                 adapter.start_at_offset(gap * positives / (positives + self.distill.sa_start_prior))
             self.adapter_started = True
+        if labeled and not self.fm_record and self.distill.fm_gate_young_z is not None and self.young_verdict is None:
+            self.ranking = (labels, fm_logit, fm_mask)
         if labeled:
             # The gate judges the label the student would distill: the adapted one where there is an
             # adapter (as it stands before this window, so out of sample), else the FM's own.
@@ -147,6 +156,9 @@ class StudentLearner:
             self.scoring = None
             scored = torch.logit(predictions.double().clamp(1e-7, 1 - 1e-7))
             self.student_record = [*self.student_record, fm_and_constant_loss(y, scored, rate)[:2]][-FM_GATE_WINDOWS:]
+        if self.ranking is not None:
+            self.young_evidence = rank_evidence(*self.ranking[:2], predictions, self.ranking[2])
+            self.ranking, self.young_pending = None, True
         if self.judging is None:
             return
         y, target, mask = self.judging
@@ -171,6 +183,10 @@ class StudentLearner:
         # two windows of traffic gets no benefit of the doubt.
         margin = self.distill.fm_gate_z * spread if len(self.fm_record) >= FM_GATE_WINDOWS else 0.0
         self.fm_trusted = not self.distill.fm_gate or loss < rival + margin
+
+    def settle_young(self, verdict: YoungVerdict) -> None:
+        """The young FM's verdict pooled over tenants (students/young_fm.py); before `step` on the window judged."""
+        self.young_verdict, self.young_pending = verdict, False
 
     def student_behind(self) -> bool:
         """Whether the constant is worth distilling (fm_gate_young_prior): always, or while the student's own
@@ -215,7 +231,8 @@ class StudentLearner:
         out = self.model(batch.sparse, batch.dense, batch.history)
         young = len(self.fm_record) < FM_GATE_WINDOWS
         prior = self.distill.fm_gate_young_prior if self.distill.mode != "none" else 0.0
-        if not self.fm_trusted and young and (out.young is not None or prior > 0):
+        judged_off = self.young_verdict is not None and not self.young_verdict.on
+        if not self.fm_trusted and young and not judged_off and (out.young is not None or prior > 0):
             prior = prior if self.student_behind() else 0.0
             rate = smoothed_rate(self.seen[1], self.seen[0])  # the tenant's, this window's labels included
             y, f, m = batch.label, batch.fm_logit, batch.fm_mask
@@ -248,6 +265,8 @@ class StudentLearner:
             "fm_affine": self.fm_affine,
             "fm_rows": self.fm_rows,
             "student_record": self.student_record,
+            "young_evidence": self.young_evidence.to_dict() if self.young_evidence is not None else None,
+            "young_verdict": self.young_verdict.to_dict() if self.young_verdict is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -273,6 +292,9 @@ class StudentLearner:
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.student_record = [tuple(x) for x in state.get("student_record", [])]
+        evidence, verdict = state.get("young_evidence"), state.get("young_verdict")
+        self.young_evidence = RankEvidence(**evidence) if evidence else None
+        self.young_verdict = YoungVerdict(**verdict) if verdict else None
         self.vm_opt.load_state_dict(vm_opt)
         if self.sa_opt is not None:
             self.sa_opt.load_state_dict(state["sa_opt"])

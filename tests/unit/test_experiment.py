@@ -111,6 +111,9 @@ def test_experiment_writes_json_markdown_and_png(tmp_path):
     assert all({"ne", "auc", "calibration", "rows"} <= set(p) for p in per_window)
     md = (tmp_path / "results.md").read_text()
     assert f"| **{default}** (default) |" in md and "| fm |" in md and "| ah |" in md and "Guard" in md
+    young = data["young_fm"]  # the young FM's verdict, once per seed (fm_gate_young_z)
+    assert [v["seed"] for v in young] == [0, 1] and set(young[0]["on"]) == {default}
+    assert f"Young FM (`{default}`): judged to out-rank the students on its first labeled window in " in md
     img = matplotlib.image.imread(tmp_path / "ne_per_window.png")
     assert img.shape[0] > 200 and img.shape[1] > 400 and np.std(img) > 0.01
     assert results["paths"]["json"].endswith("results.json")

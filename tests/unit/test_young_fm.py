@@ -1,0 +1,108 @@
+"""Judging the young FM across tenants (fm_gate_young_z; exfm_ray/students/young_fm.py): the evidence, the pooled
+verdict, a learner judged off, and the experiment's verdict per seed."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from exfm_ray.data.synthetic import SyntheticConfig, SyntheticStream
+from exfm_ray.experiment.config import ExperimentConfig
+from exfm_ray.experiment.runner import run_experiment
+from exfm_ray.students.config import DEFAULT_VARIANT, StudentConfig, variant
+from exfm_ray.students.learner import StudentLearner
+from exfm_ray.students.model import build_student
+from exfm_ray.students.young_fm import RankEvidence, YoungVerdict, auc_variance, rank_evidence, young_verdict
+
+pytestmark = pytest.mark.unit
+
+
+def test_pooled_over_tenants_gaps_too_thin_alone_clear_the_bar_and_a_big_tenant_outweighs_a_small_one():
+    # Hanley-McNeil at AUC 0.5, 10 positives, 10 negatives: (0.25 + 9 * (1/3 - 1/4) * 2) / 100
+    assert auc_variance(0.5, 10, 10) == pytest.approx(0.0175)
+    thin = RankEvidence(0.70, 0.62, 40, 2000)
+    alone = young_verdict([thin], 2.0)
+    assert 1.0 < alone.z < 2.0 and not alone.on  # one tenant's positives cannot tell
+    pooled = young_verdict([thin] * 3, 2.0)
+    assert pooled.on and pooled.tenants == 3 and pooled.z == pytest.approx(alone.z * 3**0.5)
+    assert pooled.gap == pytest.approx(0.08)
+    big = RankEvidence(0.60, 0.61, 2000, 100_000)  # the FM no better where the evidence is
+    mixed = young_verdict([thin, thin, thin, big], 2.0)
+    assert not mixed.on and abs(mixed.gap - (-0.01)) < abs(mixed.gap - 0.08)
+    assert young_verdict([], -5.0) == YoungVerdict(0.0, 0.0, 0, False)  # no evidence, no benefit of the doubt
+
+
+def test_evidence_is_the_fm_against_the_student_on_the_rows_the_fm_labeled():
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    fm = torch.tensor([2.0, -2.0, 1.0, -1.0, -3.0, 3.0])  # right on the first four rows, backwards on the last two
+    student = torch.tensor([0.2, 0.8, 0.4, 0.6, 0.9, 0.1])  # backwards on the first four
+    first_four = torch.tensor([True, True, True, True, False, False])
+    e = rank_evidence(y, fm, student, first_four)
+    assert (e.fm_auc, e.student_auc, e.positives, e.negatives) == (1.0, 0.0, 2, 2)
+    assert rank_evidence(y, fm, student, torch.tensor([False, True, False, True, False, True])) is None  # no positive
+
+
+def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_its_verdict(world):
+    spec, rows = world
+    b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
+    y, mask = b.label, torch.ones_like(b.label, dtype=torch.bool)
+    wrong = dataclasses.replace(b, fm_logit=torch.where(y > 0, -4.0, 4.0), fm_mask=mask)  # distrusted, young
+    learners = {}
+    arms = (
+        (DEFAULT_VARIANT, False),
+        (DEFAULT_VARIANT, True),
+        ("kd_sa@fm_gate_young_aux=0,fm_gate_young_prior=0", None),
+    )
+    for name, verdict in arms:
+        distill = variant(name)
+        torch.manual_seed(0)
+        learner = StudentLearner(build_student(spec, "feed", StudentConfig(), distill), StudentConfig(), distill)
+        learner.begin_window(y, wrong.fm_logit, mask)
+        assert not learner.fm_trusted
+        learner.judge(learner.predict(b))
+        if verdict is not None:
+            assert learner.young_pending and learner.young_evidence.fm_auc == 0.0  # backwards: AUC 0
+            learner.settle_young(YoungVerdict(0.1, 3.0 if verdict else 1.0, 3, verdict))
+        parts = learner.step(wrong)
+        assert ("young_prior" in parts or "young_aux" in parts) is bool(verdict)
+        learners[verdict] = learner
+    off, without = learners[False].model, learners[None].model
+    assert torch.equal(off.serving_head.weight, without.serving_head.weight)
+    assert not torch.equal(learners[True].model.serving_head.weight, without.serving_head.weight)
+    judged = learners[False]
+    judged.begin_window(y, wrong.fm_logit, mask)  # a later labeled window: nothing more to judge
+    judged.judge(judged.predict(b))
+    assert not judged.young_pending
+    restored = StudentLearner(judged.model, StudentConfig(), judged.distill)
+    restored.load_state_dict(judged.state_dict())
+    assert restored.young_verdict == judged.young_verdict and restored.young_evidence == judged.young_evidence
+    assert variant(DEFAULT_VARIANT).fm_gate_young_z == 2.0 and variant("kd_single_head").fm_gate_young_z is None
+
+
+def test_the_experiment_judges_the_young_fm_once_per_seed_on_every_tenants_student_before_it():
+    tiny = {"num_windows": 4, "rows_per_window": 1500, "num_tenants": 2, "num_users": 200, "num_ads": 50}
+    never, off = "kd_sa@fm_gate_young_z=1e9", "kd_sa@fm_gate_young_aux=0,fm_gate_young_prior=0"
+    cfg = ExperimentConfig.parse(
+        {
+            "source": {"dataset": "synthetic", "synthetic": tiny},
+            "fm": {"size": 1, "epochs_per_window": 1},
+            "seeds": 1,
+            "variants": ["vm_only", "kd_sa@fm_gate_young_z=-1e9", never, off],
+        }
+    )
+    stream = SyntheticStream(SyntheticConfig(**tiny)).stream()
+    stats: dict = {}
+    records = run_experiment(cfg, stream, stats=stats)
+    (verdict,) = stats["young_fm"]
+    assert verdict["on"]["kd_sa@fm_gate_young_z=-1e9"] and not verdict["on"][never] and "vm_only" not in verdict["on"]
+    # the evidence is vm_only's scores of window 1 (the FM's first) against the FM's, every tenant pooled
+    rec = {(r["variant"], r["tenant"], r["window"]): r for r in records}
+    evidence = [
+        RankEvidence(rec[("fm", n, 1)]["auc"], rec[("vm_only", n, 1)]["auc"], p, rec[("fm", n, 1)]["rows"] - p)
+        for n in stream.spec.tenant_names
+        if (p := rec[("fm", n, 1)]["positives"])
+    ]
+    assert verdict["tenants"] == 2 and verdict["z"] == pytest.approx(young_verdict(evidence, 0).z, rel=1e-6)
+    # judged off: the young FM's terms gone, the rest as the default
+    for n in stream.spec.tenant_names:
+        assert [rec[(never, n, t)]["ne"] for t in range(4)] == [rec[(off, n, t)]["ne"] for t in range(4)]
