@@ -40,6 +40,10 @@ def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, di
                 if any(r.get("served") == c for r in rows)
             },
             "serving_now": history[-1].get("guard_choice") if history else None,
+            # the young FM's verdict (fm_gate_young_z), pooled over tenants on its first labeled window
+            "young_fm": next(
+                ({k[9:]: r[k] for k in r if k.startswith("young_fm_")} for r in history if "young_fm_on" in r), None
+            ),  # fmt: skip
         }
         tr = None
         if finite(s["control_ne_mean"]) and finite(s["ne_mean"]) and finite(s["fm_ne_mean"]):
@@ -67,6 +71,15 @@ def markdown(summary: dict[str, dict], warmup: int) -> str:
             f"| {served_counts(s.get('served') or {})} | {fmt(s['fm_ne_mean'])} "
             f"| {fmt(s.get('transfer_ratio'), '.2f')} | {fmt(s['auc_mean'])} |"
         )
+    judged = {t: s["young_fm"] for t, s in sorted(summary.items()) if s.get("young_fm")}
+    if judged:
+        cells = ", ".join(
+            f"{t} {'on' if v.get('on') else 'off'} (z {fmt(v.get('z'), '+.2f')})" for t, v in judged.items()
+        )
+        lines += [
+            "",
+            f"Young FM's benefit of the doubt (its ranking against the students', pooled over tenants): {cells}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +27,21 @@ from exfm_ray.students.config import variant
 from exfm_ray.students.guard import NE_KEY, blend, decide, trailing_base_rate
 from exfm_ray.students.learner import GradSync, StudentLearner
 from exfm_ray.students.model import BlendServing, ServingStudent, build_student, constant_serving
+from exfm_ray.students.young_fm import YoungVerdict
 from exfm_ray.tenants.config import TenantView
 
 EVAL_BATCH = 4096
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Scored:
+    """A window evaluated and not trained on yet: its record so far and the tenant's rows."""
+
+    record: dict
+    rows: WindowTensors
+    versions: set[str]
+    began: float
 
 
 class TenantRun:
@@ -79,7 +91,13 @@ class TenantRun:
     ) -> dict:
         """Evaluate on this tenant's rows of augmented window t, then train one pass on them.
         A LoopFM student needs `store`: the representation store as of a window before t.
-        Returns the window's record (also appended to `history`)."""
+        Returns the window's record (also appended to `history`). A learner that judges the young FM
+        (fm_gate_young_z) and is not told the verdict pooled over tenants (`score`, `settle_young`, `fit`, as
+        the Ray Train runs do) gives it the benefit of the doubt."""
+        return self.fit(self.score(t, augmented, store), progress)
+
+    def score(self, t: int, augmented: pa.Table, store: StoreView | None = None) -> Scored:
+        """The first half of `window`: evaluate on the window, before training on it."""
         began = time.time()
         table = self.view.select(augmented)
         rows = WindowTensors(table, self.view.spec)
@@ -88,6 +106,20 @@ class TenantRun:
         if self.loop_keys:
             record["store_version"] = self._attach_history(t, table, rows, store)
         record.update(self._evaluate(rows))
+        return Scored(record, rows, versions, began)
+
+    @property
+    def young_pending(self) -> bool:
+        """Scored on the FM's first labeled window: the student awaits the young FM's verdict."""
+        return self.learner.young_pending
+
+    def settle_young(self, scored: Scored, verdict: YoungVerdict) -> None:
+        self.learner.settle_young(verdict)
+        scored.record.update({f"young_fm_{k}": v for k, v in verdict.to_dict().items()})
+
+    def fit(self, scored: Scored, progress: Progress | None = None) -> dict:
+        """The second half of `window`: train one pass on the window scored; returns its record."""
+        record, rows, versions, began = scored.record, scored.rows, scored.versions, scored.began
         started = time.perf_counter()
         losses = self._train(rows, progress)
         seconds = time.perf_counter() - started

@@ -185,22 +185,46 @@ class _Group:
         check_readable(tenant.name, tenant.student.loopfm.store, self.loop.cfg)
         return self.loop
 
-    def train(self, m: _Member, table) -> bool:
-        """Evaluate and train m on its next window; False if it failed (and was dropped)."""
+    def score(self, m: _Member, table):
+        """Evaluate m on its next window (TenantRun.score); None if it failed (and was dropped)."""
+        try:
+            return m.run.score(m.next, table, m.loop.view(m.next) if m.loop is not None else None)
+        except Exception as exc:
+            self._lost(m, exc)
+            return None
+
+    def settle_young(self, scored: list) -> None:
+        """Members scored on the FM's first labeled window post their evidence; each gets the verdict pooled
+        over every post so far (young_board.py), rank 0's on every rank."""
+        from exfm_ray.tenants import young_board
+
+        pending = [(m, s) for m, s in scored if m.run.young_pending]
+        if self.rank == 0:
+            for m, _ in pending:
+                evidence = m.run.learner.young_evidence
+                young_board.post(self.registry, m.entry.config.name, m.entry.run_name, m.next, evidence)
+        for m, s in pending:
+            verdict = young_board.pooled(self.registry, m.run.learner.distill.fm_gate_young_z)
+            m.run.settle_young(s, _from_rank0(verdict) if self.world > 1 else verdict)
+
+    def fit(self, m: _Member, scored) -> bool:
+        """Train m on the window scored; False if it failed (and was dropped)."""
         t = m.next
         progress = lambda phase, i, n: m.files.progress(len(m.run.history), t, phase, i, n)  # noqa: E731
         try:
-            store = m.loop.view(t) if m.loop is not None else None
-            record = m.run.window(t, table, progress, store)
+            record = m.run.fit(scored, progress)
         except Exception as exc:
-            if self.world > 1:
-                raise  # the other ranks are inside the same all-reduce: let Ray Train restart them
-            del self.members[m.entry.config.name]
-            self._fail(m.entry, m.files, exc, t)
+            self._lost(m, exc)
             return False
         m.files.after_window(m.run, record)
         m.next += 1
         return True
+
+    def _lost(self, m: _Member, exc: Exception) -> None:
+        if self.world > 1:
+            raise exc  # the other ranks are inside the same all-reduce: let Ray Train restart them
+        del self.members[m.entry.config.name]
+        self._fail(m.entry, m.files, exc, m.next)
 
     def _fail(self, entry: TenantEntry, files: TenantFiles, exc: Exception, window: int) -> None:
         from exfm_ray.observability import LOG
@@ -272,8 +296,11 @@ def train_loop(config: dict) -> dict:
                 m.files.progress(len(m.run.history), m.next, "waiting", 0, 0)
             time.sleep(run_cfg.poll_s)
             continue
-        for m in ready:
-            group.train(m, store.read_window(m.next, columns=m.run.view.columns))
+        # every ready member scored before any trains: the young FM's verdict pools their evidence
+        scored = [(m, s) for m in ready if (s := group.score(m, store.read_window(m.next, columns=m.run.view.columns)))]
+        group.settle_young(scored)
+        for m, s in scored:
+            group.fit(m, s)
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
 
@@ -286,6 +313,15 @@ def _wait_for_spec(store, run_cfg: TenantRunConfig):
         if not run_cfg.plan.follow:
             raise ExfmError(f"no augmented windows in {store.root}: run the DAS first")
         time.sleep(run_cfg.poll_s)
+
+
+def _from_rank0(obj):
+    """Rank 0's `obj` on every rank of the run."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _allreduce_mean(params: list) -> None:

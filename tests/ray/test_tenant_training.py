@@ -23,6 +23,7 @@ from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.registry import TenantRegistry
 from exfm_ray.tenants.run import TenantRun
 from exfm_ray.tenants.trainer import TenantRunConfig, WindowPlan
+from exfm_ray.tenants.young_board import posted
 from jobs.cli import main
 
 pytestmark = pytest.mark.ray
@@ -115,6 +116,18 @@ def test_tenants_train_concurrently_follow_the_stream_share_runs_and_take_new_te
         assert meta.version == f"g1-w{WINDOWS - 1:04d}" and meta.window == WINDOWS - 1
         assert meta.fm_versions and meta.metrics["ne"] == pytest.approx(h[-1]["ne"])
     assert np.mean(ne_exfm) < np.mean(ne_alone)  # the FM's columns help the same student
+    # the young FM judged once per tenant, on its first labeled window, on every tenant's evidence posted so far
+    assert set(posted(TenantRegistry(storage))) >= {"feed", "stories", "feed_tmp", "search"}
+    judged = {
+        n: [r for r in history(storage, n) if "young_fm_on" in r] for n in ("feed", "stories", "feed_tmp", "search")
+    }
+    assert {n: [r["window"] for r in rs] for n, rs in judged.items()} == dict.fromkeys(judged, [1])
+    # feed and feed_tmp share a run: both scored before either trained, each judged on both
+    feed, tmp = judged["feed"][0], judged["feed_tmp"][0]
+    assert feed["young_fm_tenants"] >= 2 and (feed["young_fm_z"], feed["young_fm_on"]) == (
+        tmp["young_fm_z"],
+        tmp["young_fm_on"],
+    )
     stopped = history(storage, "feed_tmp")
     assert 1 <= len(stopped) < WINDOWS and store.latest("feed_tmp") is None
 

@@ -137,7 +137,15 @@ def test_report_summarizes_what_the_windows_say(tmp_path):
     histories = {
         "feed": [
             {"window": 0, "ne": 2.0, "control_ne": 2.0, "auc": 0.5},
-            {"window": 1, "ne": 0.9, "control_ne": 1.0, "fm_ne": 0.8, "auc": 0.7},
+            {
+                "window": 1,
+                "ne": 0.9,
+                "control_ne": 1.0,
+                "fm_ne": 0.8,
+                "auc": 0.7,
+                "young_fm_on": False,
+                "young_fm_z": 1.5,
+            },
             {"window": 2, "ne": 0.8, "control_ne": 0.9, "fm_ne": 0.7, "auc": 0.8},
         ]
     }
@@ -146,6 +154,10 @@ def test_report_summarizes_what_the_windows_say(tmp_path):
     assert summary["ne_mean"] == pytest.approx(0.85) and summary["control_ne_mean"] == pytest.approx(0.95)
     assert summary["fm_ne_mean"] == pytest.approx(0.75) and summary["first_ne"] == 2.0
     assert summary["transfer_ratio"] == pytest.approx((0.95 - 0.85) / (0.95 - 0.75))
+    assert summary["young_fm"] == {"on": False, "z": 1.5}
+    assert "benefit of the doubt (its ranking against the students', pooled over tenants): feed off (z +1.50)." in (
+        paths["markdown"].read_text()
+    )
     assert (
         "| feed | 3 | 0.8500 | 0.9500 | -10.53% | n/a | - | 0.7500 | 0.50 | 0.7500 |" in paths["markdown"].read_text()
     )
