@@ -41,7 +41,7 @@ VARIANT_KNOBS: dict[str, dict] = {
         "fm_gate_young_aux": 0.5,
         "fm_gate_young_target": "calibrated",
         "fm_gate_young_prior": 1.0,
-        "fm_gate_young_z": 2.0,
+        "fm_gate_young_z": 1.5,
     }
 }
 
@@ -179,7 +179,7 @@ class DistillConfig(Config):
         description="fm_gate_young_aux and fm_gate_young_prior apply only if, on the FM's first labeled window, the "
         "FM out-ranks the students (their scores before training on it) by more than this many standard errors "
         "of the AUC gap pooled over all tenants (exfm_ray/students/young_fm.py); the trainers pool it, a learner "
-        "never told applies them. None: always. kd_sa: 2 (docs/results.md, 'Judging the young FM across tenants').",
+        "never told applies them. None: always. kd_sa: 1.5 (docs/results.md, 'Judging the young FM across tenants').",
     )
     fm_gate_young_target: Literal["adapted", "calibrated"] = Field(
         "adapted",

@@ -20,8 +20,6 @@ import torch
 
 from exfm_ray.metrics import auc
 
-MIN_VARIANCE = 1e-6  # an AUC of 0 or 1 on a few rows is not certainty
-
 
 @dataclass(frozen=True)
 class RankEvidence:
@@ -47,10 +45,13 @@ class RankEvidence:
 
 
 def auc_variance(a: float, positives: int, negatives: int) -> float:
-    """Hanley & McNeil (1982): the variance of an AUC estimated on these many positives and negatives."""
+    """Hanley & McNeil (1982): the variance of an AUC estimated on these many positives and negatives. An AUC of 0
+    or 1 on a handful of rows is not certainty: it counts as half a row from the end (else one tenant with one
+    positive, ranked first by both, would outweigh all the others)."""
+    edge = 1 / (2 * min(positives, negatives))
+    a = min(max(a, edge), 1 - edge)
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
-    return max(var, MIN_VARIANCE)
+    return (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
 
 
 def rank_evidence(
@@ -62,8 +63,10 @@ def rank_evidence(
     negatives = len(y) - positives
     if positives == 0 or negatives == 0:
         return None
-    fm_p = torch.sigmoid(fm_logit[mask]).numpy()
-    return RankEvidence(auc(y, fm_p), auc(y, student_p[mask].numpy()), positives, negatives)
+    fm_p, student = torch.sigmoid(fm_logit[mask]), student_p[mask]
+    if not (torch.isfinite(fm_p).all() and torch.isfinite(student).all()):
+        return None  # a diverged model's scores say nothing of which ranks better
+    return RankEvidence(auc(y, fm_p.numpy()), auc(y, student.numpy()), positives, negatives)
 
 
 @dataclass(frozen=True)

@@ -193,19 +193,24 @@ class _Group:
             self._lost(m, exc)
             return None
 
-    def settle_young(self, scored: list) -> None:
+    def settle_young(self, pending: list) -> list:
         """Members scored on the FM's first labeled window post their evidence; each gets the verdict pooled
-        over every post so far (young_board.py), rank 0's on every rank."""
+        over every post so far (young_board.py), rank 0's on every rank. Returns those still members."""
         from exfm_ray.tenants import young_board
 
-        pending = [(m, s) for m, s in scored if m.run.young_pending]
-        if self.rank == 0:
-            for m, _ in pending:
-                evidence = m.run.learner.young_evidence
-                young_board.post(self.registry, m.entry.config.name, m.entry.run_name, m.next, evidence)
+        posted = []
         for m, s in pending:
-            verdict = young_board.pooled(self.registry, m.run.learner.distill.fm_gate_young_z)
-            m.run.settle_young(s, _from_rank0(verdict) if self.world > 1 else verdict)
+            try:
+                if self.rank == 0:
+                    young_board.post(self.registry, m.entry.config.name, m.entry.run_name, m.next,
+                                     m.run.learner.young_evidence)  # fmt: skip
+                posted.append((m, s))
+            except Exception as exc:
+                self._lost(m, exc)
+        for m, s in posted:
+            z = m.run.learner.distill.fm_gate_young_z
+            m.run.settle_young(s, young_board.pooled(self.registry, z, self.rank, self.world))
+        return posted
 
     def fit(self, m: _Member, scored) -> bool:
         """Train m on the window scored; False if it failed (and was dropped)."""
@@ -296,11 +301,16 @@ def train_loop(config: dict) -> dict:
                 m.files.progress(len(m.run.history), m.next, "waiting", 0, 0)
             time.sleep(run_cfg.poll_s)
             continue
-        # every ready member scored before any trains: the young FM's verdict pools their evidence
-        scored = [(m, s) for m in ready if (s := group.score(m, store.read_window(m.next, columns=m.run.view.columns)))]
-        group.settle_young(scored)
-        for m, s in scored:
-            group.fit(m, s)
+        # the members awaiting the young FM's verdict train after every ready member has scored: it pools them
+        pending = []
+        for m in ready:
+            scored = group.score(m, store.read_window(m.next, columns=m.run.view.columns))
+            if scored is not None and m.run.young_pending:
+                pending.append((m, scored))
+            elif scored is not None:
+                group.fit(m, scored)
+        for m, scored in group.settle_young(pending):
+            group.fit(m, scored)
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
 
@@ -313,15 +323,6 @@ def _wait_for_spec(store, run_cfg: TenantRunConfig):
         if not run_cfg.plan.follow:
             raise ExfmError(f"no augmented windows in {store.root}: run the DAS first")
         time.sleep(run_cfg.poll_s)
-
-
-def _from_rank0(obj):
-    """Rank 0's `obj` on every rank of the run."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _allreduce_mean(params: list) -> None:

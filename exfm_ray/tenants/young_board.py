@@ -2,10 +2,11 @@
 
 Each tenant's trainer, on the FM's first labeled window, posts what its student and the FM scored there
 (`<storage>/tenants/<name>/young_fm.json`, one writer per file, like its metrics) and reads every tenant's
-post: the verdict pools all of them. A run scores all its ready members before it trains any (trainer.py),
-so the tenants of one run, which start together, always judge on each other's evidence; a tenant of
-another run, or one added later, pools with whatever had been posted by then (the FM is one model: its
-first window's evidence stays evidence).
+post: the verdict pools all of them. A run scores all its ready members before it trains those awaiting the
+verdict (trainer.py), so the tenants of one run that reach the FM's first labeled window together judge on each
+other's evidence; a tenant of another run, or one added later, pools with whatever had been posted by then (the FM
+is one model: its first window's evidence stays evidence). Only active tenants' posts under their current
+registration count: not a removed tenant's, nor a re-added one's from before.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 
 from exfm_ray.files import atomic_write
+from exfm_ray.observability import LOG
 from exfm_ray.students.young_fm import RankEvidence, YoungVerdict, young_verdict
 from exfm_ray.tenants.registry import TenantRegistry
 
@@ -27,14 +29,26 @@ def post(registry: TenantRegistry, name: str, run_name: str, window: int, eviden
 
 
 def posted(registry: TenantRegistry) -> dict[str, RankEvidence]:
-    """Every tenant's evidence posted so far, by tenant (posts without both classes left out)."""
+    """Every active tenant's evidence posted so far, by tenant (posts without both classes, or unreadable, left out:
+    one bad file must not stop every tenant's training)."""
     out = {}
-    for path in sorted(registry.root.glob(f"*/{BOARD_FILE}")):
-        evidence = (registry.read_json(path) or {}).get("evidence")
-        if evidence:
-            out[path.parent.name] = RankEvidence(**evidence)
+    for name, entry in registry.entries().items():
+        try:
+            post = registry.read_json(registry.tenant_dir(name) / BOARD_FILE) or {}
+            if entry.status == "active" and post.get("run") == entry.run_name and post.get("evidence"):
+                out[name] = RankEvidence(**post["evidence"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            LOG.warning("young FM board: %s's post left out: %s", name, exc)
     return out
 
 
-def pooled(registry: TenantRegistry, z: float) -> YoungVerdict:
-    return young_verdict(list(posted(registry).values()), z)
+def pooled(registry: TenantRegistry, z: float, rank: int = 0, world: int = 1) -> YoungVerdict:
+    """The verdict on every post so far; in a data-parallel run, rank 0's (read once) on every rank."""
+    verdict = young_verdict(list(posted(registry).values()), z) if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    return verdict

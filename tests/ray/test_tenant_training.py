@@ -117,7 +117,7 @@ def test_tenants_train_concurrently_follow_the_stream_share_runs_and_take_new_te
         assert meta.fm_versions and meta.metrics["ne"] == pytest.approx(h[-1]["ne"])
     assert np.mean(ne_exfm) < np.mean(ne_alone)  # the FM's columns help the same student
     # the young FM judged once per tenant, on its first labeled window, on every tenant's evidence posted so far
-    assert set(posted(TenantRegistry(storage))) >= {"feed", "stories", "feed_tmp", "search"}
+    assert set(posted(TenantRegistry(storage))) == {"feed", "stories", "search"}  # feed_tmp removed: its post left out
     judged = {
         n: [r for r in history(storage, n) if "young_fm_on" in r] for n in ("feed", "stories", "feed_tmp", "search")
     }

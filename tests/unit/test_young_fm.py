@@ -30,6 +30,8 @@ def test_pooled_over_tenants_gaps_too_thin_alone_clear_the_bar_and_a_big_tenant_
     mixed = young_verdict([thin, thin, thin, big], 2.0)
     assert not mixed.on and abs(mixed.gap - (-0.01)) < abs(mixed.gap - 0.08)
     assert young_verdict([], -5.0) == YoungVerdict(0.0, 0.0, 0, False)  # no evidence, no benefit of the doubt
+    # one positive ranked first by both: no certainty, so it does not drown the others
+    assert young_verdict([thin] * 3 + [RankEvidence(1.0, 1.0, 1, 500)], 2.0).on
 
 
 def test_evidence_is_the_fm_against_the_student_on_the_rows_the_fm_labeled():
@@ -40,6 +42,24 @@ def test_evidence_is_the_fm_against_the_student_on_the_rows_the_fm_labeled():
     e = rank_evidence(y, fm, student, first_four)
     assert (e.fm_auc, e.student_auc, e.positives, e.negatives) == (1.0, 0.0, 2, 2)
     assert rank_evidence(y, fm, student, torch.tensor([False, True, False, True, False, True])) is None  # no positive
+    assert rank_evidence(y, fm, torch.full_like(student, float("nan")), first_four) is None  # a diverged student
+
+
+def test_the_board_pools_active_tenants_current_posts_and_leaves_out_a_bad_one(tmp_path):
+    from exfm_ray.tenants.config import TenantConfig
+    from exfm_ray.tenants.registry import TenantRegistry
+    from exfm_ray.tenants.young_board import BOARD_FILE, pooled, post, posted
+
+    reg = TenantRegistry(tmp_path)
+    evidence = {n: RankEvidence(0.7, 0.6 + i / 100, 40, 2000) for i, n in enumerate(("a", "b", "c", "d"))}
+    for name, e in evidence.items():
+        entry = reg.add(TenantConfig(name=name))
+        post(reg, name, entry.run_name, 1, e)
+    reg.remove("c")  # removed: its evidence no longer counts
+    post(reg, "d", "d-g0", 1, evidence["d"])  # a post from an earlier registration
+    assert posted(reg) == {"a": evidence["a"], "b": evidence["b"]}
+    (reg.tenant_dir("b") / BOARD_FILE).write_text('{"run": "b-g1", "evidence": {"fm_auc": 0.7}}')  # unreadable
+    assert posted(reg) == {"a": evidence["a"]} and pooled(reg, 2.0) == young_verdict([evidence["a"]], 2.0)
 
 
 def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_its_verdict(world):
@@ -76,7 +96,7 @@ def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_it
     restored = StudentLearner(judged.model, StudentConfig(), judged.distill)
     restored.load_state_dict(judged.state_dict())
     assert restored.young_verdict == judged.young_verdict and restored.young_evidence == judged.young_evidence
-    assert variant(DEFAULT_VARIANT).fm_gate_young_z == 2.0 and variant("kd_single_head").fm_gate_young_z is None
+    assert variant(DEFAULT_VARIANT).fm_gate_young_z == 1.5 and variant("kd_single_head").fm_gate_young_z is None
 
 
 def test_the_experiment_judges_the_young_fm_once_per_seed_on_every_tenants_student_before_it():
@@ -103,6 +123,9 @@ def test_the_experiment_judges_the_young_fm_once_per_seed_on_every_tenants_stude
         if (p := rec[("fm", n, 1)]["positives"])
     ]
     assert verdict["tenants"] == 2 and verdict["z"] == pytest.approx(young_verdict(evidence, 0).z, rel=1e-6)
+    # the stand-in is right: kd_sa's own student scores the FM's first window as vm_only's does
+    for n in stream.spec.tenant_names:
+        assert rec[("kd_sa@fm_gate_young_z=-1e9", n, 1)]["auc"] == rec[("vm_only", n, 1)]["auc"]
     # judged off: the young FM's terms gone, the rest as the default
     for n in stream.spec.tenant_names:
         assert [rec[(never, n, t)]["ne"] for t in range(4)] == [rec[(off, n, t)]["ne"] for t in range(4)]
