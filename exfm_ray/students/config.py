@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from exfm_ray.configbase import Config
 from exfm_ray.loopfm.config import LoopFMConfig
@@ -179,7 +179,8 @@ class DistillConfig(Config):
         description="fm_gate_young_aux and fm_gate_young_prior apply only if, on the FM's first labeled window, the "
         "FM out-ranks the students (their scores before training on it) by more than this many standard errors "
         "of the AUC gap pooled over all tenants (exfm_ray/students/young_fm.py); the trainers pool it, a learner "
-        "never told applies them. None: always. kd_sa: 1.5 (docs/results.md, 'Judging the young FM across tenants').",
+        "never told applies them. None ('none' in a variant's knobs): always. kd_sa: 1.5 (docs/results.md, "
+        "'Judging the young FM across tenants').",
     )
     fm_gate_young_target: Literal["adapted", "calibrated"] = Field(
         "adapted",
@@ -208,6 +209,12 @@ class DistillConfig(Config):
     mask_norm: Literal["mask", "batch"] = Field(
         "mask", description="Normalize masked distillation means by mask count or by batch size."
     )
+
+    @field_validator("fm_gate_young_z", mode="before")
+    @classmethod
+    def _never(cls, v):
+        # a knob on the command line ('kd_sa@fm_gate_young_z=none') arrives as a string
+        return None if isinstance(v, str) and v.strip().lower() in ("none", "null") else v
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

@@ -97,6 +97,7 @@ def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_it
     restored.load_state_dict(judged.state_dict())
     assert restored.young_verdict == judged.young_verdict and restored.young_evidence == judged.young_evidence
     assert variant(DEFAULT_VARIANT).fm_gate_young_z == 1.5 and variant("kd_single_head").fm_gate_young_z is None
+    assert variant(f"{DEFAULT_VARIANT}@fm_gate_young_z=none").fm_gate_young_z is None  # stop 38's default
 
 
 def test_the_experiment_judges_the_young_fm_once_per_seed_on_every_tenants_student_before_it():
