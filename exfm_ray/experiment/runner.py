@@ -61,6 +61,8 @@ def run_experiment(
     parts = [_split_by_tenant(stream, t, full[t]) for t in range(spec.num_windows)]
     records: list[dict] = []
     loop = any(variant(v).loopfm for v in cfg.variants)
+    # the variants that judge the young FM, and their bar (fm_gate_young_z)
+    judges = {v: z for v in cfg.variants if (z := variant(v, **cfg.knobs.model_dump()).fm_gate_young_z) is not None}
     for seed in range(cfg.seeds):
         fm_logits, hidden = _fm_labels(cfg, stream, full, seed, progress, keep_hidden=loop)
         fm_dim = 0
@@ -81,12 +83,10 @@ def run_experiment(
                 logit = logit + cfg.fm_bias.get(name, 0.0)
                 part.rows.set_fm(logit, torch.ones(len(part.index), dtype=torch.bool))
                 records.append(_record(seed, "fm", name, t, part.rows.label, torch.sigmoid(logit)))
-        evidence = _young_evidence(cfg, stream, parts, seed) if _judges_young(cfg) else None
+        evidence = _young_evidence(cfg, stream, parts, seed) if judges else None
         if evidence is not None and stats is not None:
-            verdict = young_verdict(evidence, 0.0).to_dict()
-            knobs = cfg.knobs.model_dump()
-            on = {v: verdict["z"] > z for v in cfg.variants if (z := variant(v, **knobs).fm_gate_young_z) is not None}
-            stats.setdefault("young_fm", []).append({"seed": seed, **verdict, "on": on})
+            on = {v: young_verdict(evidence, z).on for v, z in judges.items()}
+            stats.setdefault("young_fm", []).append({"seed": seed, **young_verdict(evidence, 0.0).to_dict(), "on": on})
         for name in spec.tenant_names:
             preds: dict[str, dict[int, torch.Tensor]] = {v: {} for v in (DEFAULT_VARIANT, CONTROL) if v in cfg.variants}
             for v in cfg.variants:
@@ -125,10 +125,6 @@ def _split_by_tenant(stream: Stream, t: int, full: WindowTensors) -> dict[str, T
         if len(index):
             out[name] = TenantWindow(WindowTensors(stream.tenant_rows(t, name), stream.spec), index)
     return out
-
-
-def _judges_young(cfg: ExperimentConfig) -> bool:
-    return any(variant(v, **cfg.knobs.model_dump()).fm_gate_young_z is not None for v in cfg.variants)
 
 
 def _young_evidence(

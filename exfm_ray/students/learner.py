@@ -265,7 +265,6 @@ class StudentLearner:
             "fm_affine": self.fm_affine,
             "fm_rows": self.fm_rows,
             "student_record": self.student_record,
-            "young_evidence": self.young_evidence.to_dict() if self.young_evidence is not None else None,
             "young_verdict": self.young_verdict.to_dict() if self.young_verdict is not None else None,
         }
 
@@ -292,8 +291,7 @@ class StudentLearner:
         self.fm_affine = tuple(state.get("fm_affine", (1.0, 0.0)))
         self.fm_rows = [tuple(x) for x in state.get("fm_rows", [])]
         self.student_record = [tuple(x) for x in state.get("student_record", [])]
-        evidence, verdict = state.get("young_evidence"), state.get("young_verdict")
-        self.young_evidence = RankEvidence(**evidence) if evidence else None
+        verdict = state.get("young_verdict")  # (the evidence is the trainer's to pool before the window trains)
         self.young_verdict = YoungVerdict(**verdict) if verdict else None
         self.vm_opt.load_state_dict(vm_opt)
         if self.sa_opt is not None:

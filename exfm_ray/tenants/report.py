@@ -42,8 +42,13 @@ def summarize(histories: dict[str, list[dict]], warmup: int = 1) -> dict[str, di
             "serving_now": history[-1].get("guard_choice") if history else None,
             # the young FM's verdict (fm_gate_young_z), pooled over tenants on its first labeled window
             "young_fm": next(
-                ({k[9:]: r[k] for k in r if k.startswith("young_fm_")} for r in history if "young_fm_on" in r), None
-            ),  # fmt: skip
+                (
+                    {k.removeprefix("young_fm_"): r[k] for k in r if k.startswith("young_fm_")}
+                    for r in history
+                    if "young_fm_on" in r
+                ),
+                None,
+            ),
         }
         tr = None
         if finite(s["control_ne_mean"]) and finite(s["ne_mean"]) and finite(s["fm_ne_mean"]):

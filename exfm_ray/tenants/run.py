@@ -108,11 +108,6 @@ class TenantRun:
         record.update(self._evaluate(rows))
         return Scored(record, rows, versions, began)
 
-    @property
-    def young_pending(self) -> bool:
-        """Scored on the FM's first labeled window: the student awaits the young FM's verdict."""
-        return self.learner.young_pending
-
     def settle_young(self, scored: Scored, verdict: YoungVerdict) -> None:
         self.learner.settle_young(verdict)
         scored.record.update({f"young_fm_{k}": v for k, v in verdict.to_dict().items()})

@@ -196,6 +196,7 @@ class _Group:
     def settle_young(self, pending: list) -> list:
         """Members scored on the FM's first labeled window post their evidence; each gets the verdict pooled
         over every post so far (young_board.py), rank 0's on every rank. Returns those still members."""
+        from exfm_ray.students.young_fm import young_verdict
         from exfm_ray.tenants import young_board
 
         posted = []
@@ -207,9 +208,9 @@ class _Group:
                 posted.append((m, s))
             except Exception as exc:
                 self._lost(m, exc)
+        evidence = young_board.pooled(self.registry, self.rank, self.world) if posted else []
         for m, s in posted:
-            z = m.run.learner.distill.fm_gate_young_z
-            m.run.settle_young(s, young_board.pooled(self.registry, z, self.rank, self.world))
+            m.run.settle_young(s, young_verdict(evidence, m.run.learner.distill.fm_gate_young_z))
         return posted
 
     def fit(self, m: _Member, scored) -> bool:
@@ -305,7 +306,7 @@ def train_loop(config: dict) -> dict:
         pending = []
         for m in ready:
             scored = group.score(m, store.read_window(m.next, columns=m.run.view.columns))
-            if scored is not None and m.run.young_pending:
+            if scored is not None and m.run.learner.young_pending:
                 pending.append((m, scored))
             elif scored is not None:
                 group.fit(m, scored)

@@ -15,7 +15,7 @@ import json
 
 from exfm_ray.files import atomic_write
 from exfm_ray.observability import LOG
-from exfm_ray.students.young_fm import RankEvidence, YoungVerdict, young_verdict
+from exfm_ray.students.young_fm import RankEvidence
 from exfm_ray.tenants.registry import TenantRegistry
 
 BOARD_FILE = "young_fm.json"
@@ -33,22 +33,24 @@ def posted(registry: TenantRegistry) -> dict[str, RankEvidence]:
     one bad file must not stop every tenant's training)."""
     out = {}
     for name, entry in registry.entries().items():
+        if entry.status != "active":
+            continue
         try:
             post = registry.read_json(registry.tenant_dir(name) / BOARD_FILE) or {}
-            if entry.status == "active" and post.get("run") == entry.run_name and post.get("evidence"):
+            if post.get("run") == entry.run_name and post.get("evidence"):
                 out[name] = RankEvidence(**post["evidence"])
         except (ValueError, TypeError, AttributeError) as exc:
             LOG.warning("young FM board: %s's post left out: %s", name, exc)
     return out
 
 
-def pooled(registry: TenantRegistry, z: float, rank: int = 0, world: int = 1) -> YoungVerdict:
-    """The verdict on every post so far; in a data-parallel run, rank 0's (read once) on every rank."""
-    verdict = young_verdict(list(posted(registry).values()), z) if rank == 0 else None
+def pooled(registry: TenantRegistry, rank: int = 0, world: int = 1) -> list[RankEvidence]:
+    """The evidence of every post so far, to judge on; in a data-parallel run, rank 0's (read once) on every rank."""
+    evidence = list(posted(registry).values()) if rank == 0 else None
     if world > 1:
         import torch.distributed as dist
 
-        box = [verdict]
+        box = [evidence]
         dist.broadcast_object_list(box, src=0)
-        verdict = box[0]
-    return verdict
+        evidence = box[0]
+    return evidence
