@@ -38,6 +38,7 @@ from exfm_ray.errors import ConfigError
 from exfm_ray.files import atomic_write
 from exfm_ray.observability import LOG
 from exfm_ray.tenants.config import TenantConfig, resolve
+from exfm_ray.tenants.outputs import announce
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
 from exfm_ray.tenants.trainer import TENANTS_PER_RUN, TenantRunConfig, WindowPlan, fit_tenant
 
@@ -50,6 +51,9 @@ class TenantManagerConfig(Config):
     tenants_per_run: int = Field(TENANTS_PER_RUN, ge=1, description="One-worker tenants one run hosts at "
                                  "most (1: every tenant its own run).")  # fmt: skip
     poll_s: float = Field(1.0, gt=0, description="How often a following run looks for the next window.")
+    # at most 900 s: a data-parallel run's other ranks wait in a gloo broadcast, whose timeout is 1800 s
+    young_fm_wait_s: float = Field(120.0, ge=0, le=900, description="How long a tenant judging the young FM waits "
+                                   "for tenants other runs train towards that window to post.")  # fmt: skip
 
 
 @dataclass
@@ -165,13 +169,16 @@ class TenantManager:
         self.runs[name] = {"status": "running" if home.status == "running" else "queued", "run": entry.run_name,
                            "group": home.key, "queued_at": now, "generation": entry.generation, "starts": starts,
                            **({"started_at": home.started_at} if home.status == "running" else {})}  # fmt: skip
+        if moved and home.status == "queued":  # a run's worker writes its progress once it holds a slot
+            self._announce([name], "queued")
 
     def _open(self, entry: TenantEntry, shape: tuple, shared: bool) -> _Launch:
         self._seq += 1
         key = f"group-{self._seq}" if shared else f"solo-{entry.config.name}"
         shutil.rmtree(self.registry.run_dir(key), ignore_errors=True)  # a request meant for an earlier run
         launch = _Launch(key=key, shape=shape, shared=shared)
-        run_cfg = TenantRunConfig(storage=self.cfg.storage, lead=entry, key=key, plan=self.plan, poll_s=self.cfg.poll_s)
+        run_cfg = TenantRunConfig(storage=self.cfg.storage, lead=entry, key=key, plan=self.plan, poll_s=self.cfg.poll_s,
+                                  young_fm_wait_s=self.cfg.young_fm_wait_s)  # fmt: skip
         self.launches[key] = launch
         launch.task = asyncio.get_running_loop().create_task(self._run(launch, run_cfg))
         return launch
@@ -186,12 +193,14 @@ class TenantManager:
                 self.runs[name].update(status="running", started_at=launch.started_at)
             try:
                 if run_cfg is not None:
+                    self._announce(self._hosted(launch), "starting")
                     result = await asyncio.get_running_loop().run_in_executor(self.fits, fit_tenant, run_cfg)
             except Exception as exc:  # one run's failure is its own; the other runs keep training
                 error = _message(exc)
                 LOG.error("tenant run %s failed: %s", launch.key, error)
                 for name in self._hosted(launch):
                     self.runs[name].update(status="failed", error=error, ended_at=time.time())
+                self._announce(self._hosted(launch), "failed", error)
         launch.status = "ended"
         done = (result or {}).get("tenants", {})
         for name in self._hosted(launch):
@@ -204,6 +213,20 @@ class TenantManager:
                 state.update(status="finished", ended_at=time.time())
         del self.launches[launch.key]
         shutil.rmtree(self.registry.run_dir(launch.key), ignore_errors=True)
+
+    def _announce(self, names: list[str], phase: str, error: str = "") -> None:
+        """The tenants' progress while no worker of a run writes there: "queued" for a slot, "starting" once their
+        run holds one (before its workers start), "failed" with it. The young FM's board waits only for tenants
+        in training (young_board.py)."""
+        entries = self.registry.entries()
+        for name in names:
+            entry = entries.get(name)
+            if entry is None or entry.status != "active" or entry.run_name != self.runs.get(name, {}).get("run"):
+                continue
+            try:
+                announce(self.cfg.storage, self.registry, entry, self._next_window(name), phase, error)
+            except Exception as exc:  # a progress line must not cost the run
+                LOG.warning("tenant %s: progress not written: %s", name, _message(exc))
 
     def _hosted(self, launch: _Launch) -> list[str]:
         return [n for n in launch.members if self.runs.get(n, {}).get("group") == launch.key]

@@ -39,6 +39,16 @@ def is_active(entries: dict[str, TenantEntry], entry: TenantEntry) -> bool:
     return now is not None and now.status == "active" and now.generation == entry.generation
 
 
+def announce(
+    storage: str, registry: TenantRegistry, entry: TenantEntry, window: int, phase: str, error: str = ""
+) -> None:
+    """The tenant's progress while no run's worker writes it, by the tenant manager: "queued" for a slot, "starting"
+    once its run holds one (before the workers start), "failed" with the run. The young FM's board waits only for
+    tenants in training (young_board.py)."""
+    windows_done = len(registry.history(entry.config.name))
+    TenantFiles(storage, entry, registry, rank=0).progress(windows_done, window, phase, 0, 0, error)
+
+
 class TenantFiles:
     """One tenant's files, as the run hosting it writes them (only rank 0 writes)."""
 

@@ -108,9 +108,12 @@ class TenantRun:
         record.update(self._evaluate(rows))
         return Scored(record, rows, versions, began)
 
-    def settle_young(self, scored: Scored, verdict: YoungVerdict) -> None:
+    def settle_young(self, scored: Scored, verdict: YoungVerdict, pooled: list[str] | None = None) -> None:
+        """The verdict, and the tenants whose evidence it pooled, in the window's record."""
         self.learner.settle_young(verdict)
         scored.record.update({f"young_fm_{k}": v for k, v in verdict.to_dict().items()})
+        if pooled is not None:
+            scored.record["young_fm_pooled"] = pooled
 
     def fit(self, scored: Scored, progress: Progress | None = None) -> dict:
         """The second half of `window`: train one pass on the window scored; returns its record."""

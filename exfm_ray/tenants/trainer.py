@@ -65,6 +65,8 @@ class TenantRunConfig(Config):
     progress_every_s: float = Field(0.5, gt=0, description="How often rank 0 rewrites a tenant's progress.json.")
     yield_after: int = Field(4, ge=1, description="Rounds a run asked to give up its slot still trains when far "
                              "behind (caught up, it yields at once).")  # fmt: skip
+    young_fm_wait_s: float = Field(120.0, ge=0, le=900, description="How long tenants judging the young FM wait "
+                                   "for those other runs train towards its first labeled window.")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -169,6 +171,7 @@ class _Group:
             return
         start = max(self.cfg.plan.first_window, run.last_window + 1)
         self.members[entry.config.name] = _Member(entry, run, files, start, loop)
+        files.progress(len(run.history), start, "starting", 0, 0)  # training here now: other runs wait for its post
 
     def _loop_store(self, tenant):
         """The run's LoopFM store, which `exfm run` declares before any tenant starts."""
@@ -208,9 +211,16 @@ class _Group:
                 posted.append((m, s))
             except Exception as exc:
                 self._lost(m, exc)
-        evidence = young_board.pooled(self.registry, self.rank, self.world) if posted else []
+        if posted and self.rank == 0:  # the other ranks wait in the broadcast; no member here moves meanwhile
+            for m in self.members.values():
+                m.files.progress(len(m.run.history), m.next, "pooling", 0, 0)
+            window, asked_to_yield = max(m.next for m, _ in posted), self.registry.yield_path(self.cfg.key).exists
+            young_board.wait_for_posts(self.registry, window, set(self.members), self.cfg.young_fm_wait_s,
+                                       self.cfg.poll_s, stop=asked_to_yield)  # fmt: skip
+        evidence = young_board.pooled(self.registry, self.rank, self.world) if posted else {}
         for m, s in posted:
-            m.run.settle_young(s, young_verdict(evidence, m.run.learner.distill.fm_gate_young_z))
+            verdict = young_verdict(list(evidence.values()), m.run.learner.distill.fm_gate_young_z)
+            m.run.settle_young(s, verdict, sorted(evidence))
         return posted
 
     def fit(self, m: _Member, scored) -> bool:
@@ -335,11 +345,8 @@ def _allreduce_mean(params: list) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).clone()
 
 
 def build_tenant_trainer(run_cfg: TenantRunConfig):

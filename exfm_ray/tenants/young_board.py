@@ -4,14 +4,19 @@ Each tenant's trainer, on the FM's first labeled window, posts what its student 
 (`<storage>/tenants/<name>/young_fm.json`, one writer per file, like its metrics) and reads every tenant's
 post: the verdict pools all of them. A run scores all its ready members before it trains those awaiting the
 verdict (trainer.py), so the tenants of one run that reach the FM's first labeled window together judge on each
-other's evidence; a tenant of another run, or one added later, pools with whatever had been posted by then (the FM
-is one model: its first window's evidence stays evidence). Only active tenants' posts under their current
-registration count: not a removed tenant's, nor a re-added one's from before.
+other's evidence. Tenants that other runs are training towards that window right now are waited for, up to
+`young_fm_wait_s` (`awaited`, `wait_for_posts`): two runs that get there a few seconds apart judge on the same posts.
+A tenant that is not training now (its run queued for a slot, failed or done), or one added later, is not waited
+for: the verdict pools whatever had been posted by then (the FM is one model: its first window's evidence stays
+evidence). Only active tenants' posts under their current registration count: not a removed tenant's, nor a
+re-added one's from before.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 
 from exfm_ray.files import atomic_write
 from exfm_ray.observability import LOG
@@ -19,6 +24,9 @@ from exfm_ray.students.young_fm import RankEvidence
 from exfm_ray.tenants.registry import TenantRegistry
 
 BOARD_FILE = "young_fm.json"
+# progress phases of tenants not moving towards a window: ended, queued for a slot, or held by their run's own wait
+# (two runs each waiting for the other's held-back members would both sit out the timeout)
+NOT_MOVING = ("done", "failed", "queued", "pooling")
 
 
 def post(registry: TenantRegistry, name: str, run_name: str, window: int, evidence: RankEvidence | None) -> None:
@@ -44,9 +52,49 @@ def posted(registry: TenantRegistry) -> dict[str, RankEvidence]:
     return out
 
 
-def pooled(registry: TenantRegistry, rank: int = 0, world: int = 1) -> list[RankEvidence]:
-    """The evidence of every post so far, to judge on; in a data-parallel run, rank 0's (read once) on every rank."""
-    evidence = list(posted(registry).values()) if rank == 0 else None
+def awaited(registry: TenantRegistry, window: int, hosted: set[str]) -> list[str]:
+    """Tenants worth waiting for before judging at `window`: active, judging the young FM, not yet posted under their
+    current registration, and training in another run (not `hosted` here, which cannot move while this run waits)
+    at a window up to `window` by their progress."""
+    out = []
+    for name, entry in registry.entries().items():
+        if entry.status != "active" or name in hosted or entry.config.distill().fm_gate_young_z is None:
+            continue
+        try:
+            if (registry.read_json(registry.tenant_dir(name) / BOARD_FILE) or {}).get("run") == entry.run_name:
+                continue
+            progress = registry.progress(name)
+            training = progress.get("run") == entry.run_name and progress.get("phase") not in NOT_MOVING
+            if training and isinstance(progress.get("window"), int) and progress["window"] <= window:
+                out.append(name)
+        except (ValueError, TypeError, AttributeError):  # unreadable (files are replaced atomically: it stays so)
+            continue
+    return out
+
+
+def wait_for_posts(
+    registry: TenantRegistry,
+    window: int,
+    hosted: set[str],
+    timeout_s: float,
+    poll_s: float,
+    stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """Wait until no tenant is `awaited`, `timeout_s` or `stop()` (the run asked to give up its slot); returns those
+    still awaited then (logged)."""
+    deadline = time.monotonic() + timeout_s
+    while (missing := awaited(registry, window, hosted)) and time.monotonic() < deadline and not stop():
+        sleep(poll_s)
+    if missing:
+        LOG.warning("young FM board: judged at window %d without %s (not posted within %.0f s)", window,
+                    ", ".join(missing), timeout_s)  # fmt: skip
+    return missing
+
+
+def pooled(registry: TenantRegistry, rank: int = 0, world: int = 1) -> dict[str, RankEvidence]:
+    """Every post so far by tenant, to judge on; in a data-parallel run, rank 0's (read once) on every rank."""
+    evidence = posted(registry) if rank == 0 else None
     if world > 1:
         import torch.distributed as dist
 

@@ -256,6 +256,35 @@ def test_a_rerun_starts_runs_only_for_tenants_not_done_with_the_plan(tmp_path, m
     assert all(r["status"] == "finished" for r in runs.values())
 
 
+def test_the_manager_writes_a_tenants_progress_while_no_run_of_it_does(tmp_path, monkeypatch):
+    """A tenant is "queued" while its run waits for a slot, "starting" once it holds one (before any worker), "failed"
+    with its run: the young FM's board waits only for tenants in training (young_board.awaited). One slot, a run
+    each; the runs are the seam (`fit_tenant` records what the progress said when it was called)."""
+    import asyncio
+
+    import actors.tenant_manager as tm
+    from exfm_ray.tenants.config import TenantConfig
+    from exfm_ray.tenants.registry import TenantRegistry
+
+    reg = TenantRegistry(tmp_path)
+    seen = []
+
+    def fit(cfg):
+        seen.append({n: reg.progress(n).get("phase") for n in ("a", "b")})
+        if cfg.lead.config.name == "b":
+            raise RuntimeError("workers lost")
+        return {"tenants": {}}
+
+    monkeypatch.setattr(tm, "fit_tenant", fit)
+    for name in ("a", "b"):
+        reg.add(TenantConfig(name=name, own_run=True))
+    manager = tm.TenantManager(tm.TenantManagerConfig(storage=str(tmp_path), max_concurrent=1, poll_s=0.01))
+    runs = asyncio.run(manager.train(0, 3))["runs"]
+    assert seen == [{"a": "starting", "b": "queued"}, {"a": "starting", "b": "starting"}]
+    assert runs["b"]["status"] == "failed" and reg.progress("b")["phase"] == "failed"
+    assert "workers lost" in reg.progress("b")["error"] and reg.progress("b")["run"] == "b-g1"
+
+
 def test_a_run_whose_tenants_fit_no_stream_fails_before_any_worker_starts(augmented, tmp_path, monkeypatch):
     """`broken`'s rows name no stream tenant: its run fails in `fit_tenant` with the field, as its worker
     would, and no Ray Train run is built. A run with one member that fits, or with nothing committed

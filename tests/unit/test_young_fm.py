@@ -59,7 +59,42 @@ def test_the_board_pools_active_tenants_current_posts_and_leaves_out_a_bad_one(t
     post(reg, "d", "d-g0", 1, evidence["d"])  # a post from an earlier registration
     assert posted(reg) == {"a": evidence["a"], "b": evidence["b"]}
     (reg.tenant_dir("b") / BOARD_FILE).write_text('{"run": "b-g1", "evidence": {"fm_auc": 0.7}}')  # unreadable
-    assert posted(reg) == {"a": evidence["a"]} and pooled(reg) == [evidence["a"]]
+    assert posted(reg) == {"a": evidence["a"]} and pooled(reg) == {"a": evidence["a"]}
+
+
+def test_a_run_waits_for_the_posts_of_tenants_other_runs_are_training_towards_the_window(tmp_path):
+    import json
+
+    from exfm_ray.tenants.config import TenantConfig
+    from exfm_ray.tenants.registry import TenantRegistry
+    from exfm_ray.tenants.young_board import awaited, post, wait_for_posts
+
+    reg = TenantRegistry(tmp_path)
+    names = ("here", "behind", "queued", "held", "unread", "new", "done", "past", "gone")
+    runs = {n: reg.add(TenantConfig(name=n)).run_name for n in names}
+    runs["alone"] = reg.add(TenantConfig(name="alone", variant="vm_only")).run_name  # never judges: never posts
+    for name, window, phase in [("behind", 0, "train"), ("queued", 0, "queued"), ("held", 0, "pooling"),
+                                ("done", 0, "done"), ("past", 3, "train"), ("gone", 0, "train"),
+                                ("alone", 0, "train"), ("here", 0, "train")]:  # fmt: skip
+        reg.progress_path(name).parent.mkdir(parents=True, exist_ok=True)
+        reg.progress_path(name).write_text(json.dumps({"run": runs[name], "window": window, "phase": phase}))
+    reg.progress_path("unread").parent.mkdir(parents=True, exist_ok=True)
+    reg.progress_path("unread").write_text("[0]")  # not a progress record: skipped, not an error
+    reg.remove("gone")
+    # `here` is hosted by the waiting run and `held` by another run's wait (neither can move meanwhile); `queued`
+    # waits for a slot and `new` has no progress at all: no run is training them now
+    assert awaited(reg, 1, {"here"}) == ["behind"]
+    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, stop=lambda: True) == ["behind"]  # asked to yield: no wait
+    slept = []
+
+    def sleep(s):  # `behind` posts while the run waits
+        slept.append(s)
+        post(reg, "behind", runs["behind"], 1, RankEvidence(0.7, 0.6, 40, 2000))
+
+    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, sleep=sleep) == [] and slept == [0.25]
+    assert awaited(reg, 1, {"here"}) == []
+    post(reg, "behind", "behind-g0", 1, RankEvidence(0.7, 0.6, 40, 2000))  # an earlier registration's post
+    assert wait_for_posts(reg, 1, {"here"}, 0.0, 0.25, sleep=sleep) == ["behind"] and slept == [0.25]  # timed out
 
 
 def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_its_verdict(world):
