@@ -67,7 +67,7 @@ class PipelineSupervisor:
             self.fm_job = self._start_fm_training(windows)
             self.manager = start_tenant_manager(TenantManagerConfig(storage=str(self.storage),
                 max_concurrent=self.cfg.max_concurrent_tenants, tenants_per_run=self.cfg.tenants_per_run,
-                poll_s=0.5))  # fmt: skip
+                poll_s=0.5, young_fm_wait_s=self.cfg.young_fm_wait_s))  # fmt: skip
             students = self.manager.train.remote(0, windows - 1, True)
             augmenter = Augmenter(AugmentConfig(storage=str(self.storage), stream=str(self.stream_dir),
                 group_name=self.cfg.fm_group, batch_size=self.cfg.das_batch_size,

@@ -28,3 +28,16 @@ def torch_trainer(train_loop, **kwargs: Any):
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return DatalessTorchTrainer(train_loop, **kwargs)
+
+
+def allreduce_mean_grads(params: list) -> None:
+    """Average gradients over a data-parallel run's workers (a tenant's student), as one flat all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).clone()

@@ -37,6 +37,13 @@ class PipelineConfig(Config):
     tenants_per_run: int = Field(
         TENANTS_PER_RUN, ge=1, description="One-worker tenants one training run hosts at most."
     )
+    young_fm_wait_s: float = Field(
+        120.0,
+        ge=0,
+        le=900,
+        description="How long a tenant judging the young FM waits for the posts of tenants "
+        "other training runs are bringing to its first labeled window (docs/design.md).",
+    )
     das_batch_size: int = Field(4096, gt=0, description="Rows per FM call in the DAS.")
     das_workers: int = Field(1, ge=1, description="DAS workers (each reads, labels and writes units of a window).")
     das_resources: dict[str, float] = Field(

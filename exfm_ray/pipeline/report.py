@@ -22,7 +22,7 @@ from exfm_ray.files import json_safe  # noqa: E402
 from exfm_ray.metrics import transfer_ratio  # noqa: E402
 from exfm_ray.numbers import finite, fmt  # noqa: E402
 from exfm_ray.tenants.report import plot as plot_tenants  # noqa: E402
-from exfm_ray.tenants.report import served_counts, summarize  # noqa: E402
+from exfm_ray.tenants.report import served_counts, summarize, young_fm_lines  # noqa: E402
 
 
 def staleness_hours(event_time, watermark) -> tuple[float | None, float | None]:
@@ -120,6 +120,7 @@ def markdown(report: dict) -> str:
             f"{served_counts(s.get('served') or {})} | {fmt(s['fm_ne_mean'])} | {fmt(s.get('transfer_ratio'), '.2f')} "
             f"| {fmt(s['auc_mean'])} |"
         )
+    lines += young_fm_lines(report["tenants"])
     lines += ["", "Per window (`ne_per_window.png`), NE of ExFM / alone / FM, and the model served:", "",
               "| window | " + " | ".join(sorted(report["windows"])) + " |"]  # fmt: skip
     lines.append("|---:|" + "---|" * len(report["windows"]))

@@ -76,16 +76,19 @@ def markdown(summary: dict[str, dict], warmup: int) -> str:
             f"| {served_counts(s.get('served') or {})} | {fmt(s['fm_ne_mean'])} "
             f"| {fmt(s.get('transfer_ratio'), '.2f')} | {fmt(s['auc_mean'])} |"
         )
+    return "\n".join([*lines, *young_fm_lines(summary)]) + "\n"
+
+
+def young_fm_lines(summary: dict[str, dict]) -> list[str]:
+    """The young FM's verdict per tenant judged (a blank line first), or nothing."""
     judged = {t: s["young_fm"] for t, s in sorted(summary.items()) if s.get("young_fm")}
-    if judged:
-        cells = ", ".join(
-            f"{t} {'on' if v.get('on') else 'off'} (z {fmt(v.get('z'), '+.2f')})" for t, v in judged.items()
-        )
-        lines += [
-            "",
-            f"Young FM's benefit of the doubt (its ranking against the students', pooled over tenants): {cells}.",
-        ]
-    return "\n".join(lines) + "\n"
+    if not judged:
+        return []
+    cells = ", ".join(
+        f"{t} {'on' if v.get('on') else 'off'} (z {fmt(v.get('z'), '+.2f')}, {v.get('tenants')} tenants)"
+        for t, v in judged.items()
+    )
+    return ["", f"Young FM's benefit of the doubt (its ranking against the students', pooled over tenants): {cells}."]
 
 
 def served_counts(served: dict[str, int]) -> str:

@@ -32,6 +32,7 @@ from exfm_ray.errors import ExfmError
 from exfm_ray.files import atomic_write
 from exfm_ray.tenants.outputs import TenantFiles, is_active
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
+from exfm_ray.train_runs import allreduce_mean_grads
 
 # One-worker tenants one run hosts at most. Runs open first (up to max_concurrent), so the cap only
 # decides when runs must take turns (max_concurrent x this many tenants): each turn costs a Ray
@@ -108,6 +109,7 @@ class _Group:
         self.failed: set[str] = set()  # run names that failed here: not taken again by this run
         self.dropped: dict[str, dict] = {}  # what the manager learns from registry.dropped(key)
         self.loop = None  # the run's LoopFM StoreReader, one for all members: a version is read once
+        self.judge_later = False  # asked to yield while awaiting tenants that need the slot: settle_young
 
     def sync(self) -> None:
         entries = self.registry.entries()
@@ -158,7 +160,7 @@ class _Group:
 
         files = self._files(entry)
         try:
-            sync = _allreduce_mean if self.world > 1 else None
+            sync = allreduce_mean_grads if self.world > 1 else None
             view = resolve(entry.config, self.spec)
             loop = self._loop_store(entry.config) if entry.config.distill().loopfm else None
             run = TenantRun(view, rank=self.rank, world_size=self.world, grad_sync=sync,
@@ -211,13 +213,18 @@ class _Group:
                 posted.append((m, s))
             except Exception as exc:
                 self._lost(m, exc)
+        later = False
         if posted and self.rank == 0:  # the other ranks wait in the broadcast; no member here moves meanwhile
             for m in self.members.values():
                 m.files.progress(len(m.run.history), m.next, "pooling", 0, 0)
             window, asked_to_yield = max(m.next for m, _ in posted), self.registry.yield_path(self.cfg.key).exists
-            young_board.wait_for_posts(self.registry, window, set(self.members), self.cfg.young_fm_wait_s,
-                                       self.cfg.poll_s, stop=asked_to_yield)  # fmt: skip
-        evidence = young_board.pooled(self.registry, self.rank, self.world) if posted else {}
+            missing = young_board.wait_for_posts(self.registry, window, set(self.members), self.cfg.young_fm_wait_s,
+                                                 self.cfg.poll_s, self.cfg.plan.follow, asked_to_yield)  # fmt: skip
+            later = bool(missing) and asked_to_yield()
+        evidence = young_board.pooled(self.registry, self.rank, self.world, later) if posted else {}
+        if evidence is None:  # give up the slot, window untrained: judged when back, on the posts of those let in
+            self.judge_later = True
+            return []
         for m, s in posted:
             verdict = young_verdict(list(evidence.values()), m.run.learner.distill.fm_gate_young_z)
             m.run.settle_young(s, verdict, sorted(evidence))
@@ -322,6 +329,8 @@ def train_loop(config: dict) -> dict:
                 group.fit(m, scored)
         for m, scored in group.settle_young(pending):
             group.fit(m, scored)
+        if group.judge_later:
+            break
         rounds += 1
     return {"run": run_cfg.key, "tenants": group.finish(), "seconds": round(time.time() - started, 2)}
 
@@ -334,19 +343,6 @@ def _wait_for_spec(store, run_cfg: TenantRunConfig):
         if not run_cfg.plan.follow:
             raise ExfmError(f"no augmented windows in {store.root}: run the DAS first")
         time.sleep(run_cfg.poll_s)
-
-
-def _allreduce_mean(params: list) -> None:
-    """Average gradients over the run's workers (data parallel), as one flat all-reduce."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad = g.view_as(p).clone()
 
 
 def build_tenant_trainer(run_cfg: TenantRunConfig):

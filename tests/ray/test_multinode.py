@@ -213,6 +213,9 @@ def test_report_shows_the_fm_helping_the_students(killed_run):
             assert r["served_ne"] == r[NE_KEY[r["served"]]] and r["guard_reason"], r
     text = report_json(killed_run["logs"]).with_name("report.md").read_text()
     assert "| all tenants |" in text and "FM calls" in text
+    # the young FM judged once per tenant on the posts of every tenant (all in one run here)
+    assert all(s["young_fm"]["pooled"] == sorted(report["tenants"]) for s in report["tenants"].values())
+    assert "Young FM's benefit of the doubt" in text and f"{len(report['tenants'])} tenants)" in text
     system = {r["window"]: r for r in report["system"]}
     assert system[0]["staleness_h"] is None and 0 < system[WINDOWS - 1]["staleness_h"] < 24
     assert all(r["fm_calls_per_row"] < 1 for t, r in system.items() if t >= report["fm_delay"])  # shared examples

@@ -198,6 +198,9 @@ def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_i
     for name in healthy:
         assert [r["window"] for r in history(storage, name)] == [0, 1, 2], name  # every window, once
         assert StudentStore(storage).latest_meta(name).window == 2
+        # the young FM judged on both tenants' posts, though one slot lets only one run at a time: the first at the
+        # FM's first labeled window gives up its slot unjudged (window untrained) and judges when it comes back
+        assert history(storage, name)[1]["young_fm_pooled"] == healthy, name
     assert max(runs[n]["starts"] for n in healthy) >= 2, runs  # a run gave up the slot and came back
 
 

@@ -55,7 +55,7 @@ FROZEN = {
         "--storage", "--address", "--exit",
     },
     "train": {"--address", "--follow", "--max-concurrent", "--no-progress", "--out", "--storage", "--tenants-per-run",
-              "--windows"},
+              "--windows", "--young-fm-wait"},
 }  # fmt: skip
 
 
@@ -121,6 +121,7 @@ def test_user_errors_print_one_line_without_traceback(argv, message, capsys, tmp
         (["serve", "--store", "{tmp}", "--port", "70000"], "port"),
         (["serve", "--config", "{tmp}/missing.yaml"], "no such file"),
         (["bench", "serve", "--rows", "0"], "--rows"),
+        (["train", "--windows", "0:3", "--storage", "{tmp}", "--young-fm-wait", "1000"], "--young-fm-wait"),
     ],
 )
 def test_serve_and_bench_user_errors_exit_2_before_starting_ray(argv, message, capsys, tmp_path):

@@ -145,6 +145,8 @@ def test_report_summarizes_what_the_windows_say(tmp_path):
                 "auc": 0.7,
                 "young_fm_on": False,
                 "young_fm_z": 1.5,
+                "young_fm_tenants": 2,
+                "young_fm_pooled": ["feed", "search"],
             },
             {"window": 2, "ne": 0.8, "control_ne": 0.9, "fm_ne": 0.7, "auc": 0.8},
         ]
@@ -154,8 +156,8 @@ def test_report_summarizes_what_the_windows_say(tmp_path):
     assert summary["ne_mean"] == pytest.approx(0.85) and summary["control_ne_mean"] == pytest.approx(0.95)
     assert summary["fm_ne_mean"] == pytest.approx(0.75) and summary["first_ne"] == 2.0
     assert summary["transfer_ratio"] == pytest.approx((0.95 - 0.85) / (0.95 - 0.75))
-    assert summary["young_fm"] == {"on": False, "z": 1.5}
-    assert "benefit of the doubt (its ranking against the students', pooled over tenants): feed off (z +1.50)." in (
+    assert summary["young_fm"] == {"on": False, "z": 1.5, "tenants": 2, "pooled": ["feed", "search"]}
+    assert "(its ranking against the students', pooled over tenants): feed off (z +1.50, 2 tenants)." in (
         paths["markdown"].read_text()
     )
     assert (

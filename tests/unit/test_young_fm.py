@@ -70,31 +70,35 @@ def test_a_run_waits_for_the_posts_of_tenants_other_runs_are_training_towards_th
     from exfm_ray.tenants.young_board import awaited, post, wait_for_posts
 
     reg = TenantRegistry(tmp_path)
-    names = ("here", "behind", "queued", "held", "unread", "new", "done", "past", "gone")
+    names = ("here", "behind", "queued", "yielded", "held", "unread", "new", "finished", "past", "gone")
     runs = {n: reg.add(TenantConfig(name=n)).run_name for n in names}
     runs["alone"] = reg.add(TenantConfig(name="alone", variant="vm_only")).run_name  # never judges: never posts
-    for name, window, phase in [("behind", 0, "train"), ("queued", 0, "queued"), ("held", 0, "pooling"),
-                                ("done", 0, "done"), ("past", 3, "train"), ("gone", 0, "train"),
-                                ("alone", 0, "train"), ("here", 0, "train")]:  # fmt: skip
+    for name, window, phase in [("behind", 0, "train"), ("queued", 1, "queued"), ("yielded", 0, "done"),
+                                ("held", 0, "pooling"), ("finished", 1, "done"), ("past", 3, "train"),
+                                ("gone", 0, "train"), ("alone", 0, "train"), ("here", 0, "train")]:  # fmt: skip
         reg.progress_path(name).parent.mkdir(parents=True, exist_ok=True)
         reg.progress_path(name).write_text(json.dumps({"run": runs[name], "window": window, "phase": phase}))
     reg.progress_path("unread").parent.mkdir(parents=True, exist_ok=True)
     reg.progress_path("unread").write_text("[0]")  # not a progress record: skipped, not an error
     reg.remove("gone")
-    # `here` is hosted by the waiting run and `held` by another run's wait (neither can move meanwhile); `queued`
-    # waits for a slot and `new` has no progress at all: no run is training them now
-    assert awaited(reg, 1, {"here"}) == ["behind"]
-    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, stop=lambda: True) == ["behind"]  # asked to yield: no wait
+    # `here` is hosted by the waiting run and `held` by another run's wait (neither can move meanwhile), `new` has
+    # no progress at all, `finished` trained window 1 already ("done": the last window trained). Where runs take
+    # turns (following the stream), one queued for a slot or that gave its slot up before the window comes back.
+    assert awaited(reg, 1, {"here"}) == ["behind", "queued", "yielded"]
+    assert awaited(reg, 1, {"here"}, turns=False) == ["behind"]
+    stop = lambda: True  # noqa: E731  asked to give up the slot: no wait
+    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, turns=False, stop=stop) == ["behind"]
     slept = []
 
     def sleep(s):  # `behind` posts while the run waits
         slept.append(s)
         post(reg, "behind", runs["behind"], 1, RankEvidence(0.7, 0.6, 40, 2000))
 
-    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, sleep=sleep) == [] and slept == [0.25]
-    assert awaited(reg, 1, {"here"}) == []
+    assert wait_for_posts(reg, 1, {"here"}, 60.0, 0.25, turns=False, sleep=sleep) == [] and slept == [0.25]
+    assert awaited(reg, 1, {"here"}, turns=False) == []
     post(reg, "behind", "behind-g0", 1, RankEvidence(0.7, 0.6, 40, 2000))  # an earlier registration's post
-    assert wait_for_posts(reg, 1, {"here"}, 0.0, 0.25, sleep=sleep) == ["behind"] and slept == [0.25]  # timed out
+    assert wait_for_posts(reg, 1, {"here"}, 0.0, 0.25, turns=False, sleep=sleep) == ["behind"]  # timed out
+    assert slept == [0.25]
 
 
 def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_its_verdict(world):
