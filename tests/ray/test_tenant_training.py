@@ -85,7 +85,9 @@ def test_tenants_train_concurrently_follow_the_stream_share_runs_and_take_new_te
         assert main(["tenants", "add", "search", "--config", str(search), *cli]) == 0
         wait_until(lambda: len(history(storage, "feed_tmp")) >= 1, what="feed_tmp's first window")
         assert main(["tenants", "remove", "feed_tmp", *cli]) == 0
-        wait_until(lambda: ray.get(manager.status.remote())["runs"]["feed_tmp"]["status"] != "running", what="stop")
+        # (its run may first wait for stories' post at window 1: young_fm_wait_s, 120 s)
+        stopped = lambda: ray.get(manager.status.remote())["runs"]["feed_tmp"]["status"] != "running"  # noqa: E731
+        wait_until(stopped, timeout_s=300, what="stop")
         for t in range(4, WINDOWS):  # later windows arrive while the runs wait for them
             commit(source, storage, t)
         status = ray.get(done, timeout=600)
