@@ -206,6 +206,28 @@ def test_on_too_few_slots_every_tenant_trains_every_window_and_a_failure_stays_i
     assert max(runs[n]["starts"] for n in healthy) >= 2, runs  # a run gave up the slot and came back
 
 
+def test_without_follow_runs_sharing_one_slot_judge_the_young_fm_on_the_same_posts(source, tmp_path):
+    """Two one-tenant runs, one slot, windows 0-1, no --follow: a run then ends rather than takes turns, so the first
+    at the FM's first labeled window gives its slot up unjudged (window untrained) to let the queued one post, and
+    judges when it comes back. Without that the first judged on its own post only."""
+    storage = tmp_path
+    for t in range(2):
+        commit(source, storage, t)
+    reg = TenantRegistry(storage)
+    healthy = ["feed", "stories"]
+    for name in healthy:
+        reg.add(TenantConfig(name=name, guard=False, student={"size": 1}, own_run=True))
+    manager = start_tenant_manager(TenantManagerConfig(storage=str(storage), max_concurrent=1, poll_s=0.3))
+    try:
+        runs = ray.get(manager.train.remote(0, 1, False), timeout=600)["runs"]
+    finally:
+        ray.kill(manager)
+    for name in healthy:
+        h = history(storage, name)
+        assert [r["window"] for r in h] == [0, 1] and h[1]["young_fm_pooled"] == healthy, (name, h[1])
+    assert sorted(runs[n]["starts"] for n in healthy) == [1, 2], runs  # the first came back once
+
+
 def test_exfm_metrics_reach_rays_prometheus_export_under_the_dashboards_names(ray_cluster):
     """What a window records (the DAS's record_metrics, a tenant gauge) is scraped from the node's
     metrics export with its values, under the names deploy/grafana/exfm-dashboard.json reads."""
