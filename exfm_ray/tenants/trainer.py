@@ -219,12 +219,8 @@ class _Group:
                 m.files.progress(len(m.run.history), m.next, "pooling", 0, 0)
             window, asked_to_yield = max(m.next for m, _ in posted), self.registry.yield_path(self.cfg.key).exists
             hosted = {*self.members, *self._names()}  # and those the manager adds meanwhile: they join after the wait
-            missing = young_board.wait_for_posts(self.registry, window, hosted, self.cfg.young_fm_wait_s,
-                                                 self.cfg.poll_s, self.cfg.plan.follow, asked_to_yield)  # fmt: skip
-            later = bool(missing) and asked_to_yield()
-            if not missing and not self.cfg.plan.follow:  # runs end, not take turns: to let queued ones in, yield now
-                later = bool(young_board.awaited(self.registry, window, hosted))
-            later = later and self.cfg.young_fm_wait_s > 0  # 0: never wait, judge now
+            later = young_board.judge_later(self.registry, window, hosted, self.cfg.young_fm_wait_s, self.cfg.poll_s,
+                                            self.cfg.plan.follow, asked_to_yield)  # fmt: skip
         evidence = young_board.pooled(self.registry, self.rank, self.world, later) if posted else {}
         if evidence is None:  # give up the slot, window untrained: judged when back, on the posts of those let in
             self.judge_later = True

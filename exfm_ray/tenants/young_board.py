@@ -98,6 +98,28 @@ def wait_for_posts(
     return missing
 
 
+def judge_later(
+    registry: TenantRegistry,
+    window: int,
+    hosted: set[str],
+    wait_s: float,
+    poll_s: float,
+    follow: bool,
+    asked_to_yield: Callable[[], bool],
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Wait for the posts of the tenants `awaited`; True: give the slot up with the window untrained and judge when
+    the run comes back, on the posts of those let in. Following the stream, runs take turns: when asked to yield
+    while tenants are still awaited. Without it runs end rather than take turns: at once when, those in training
+    having posted, tenants queued for a slot or yielded before the window are left. `wait_s` 0: judge now."""
+    missing = wait_for_posts(registry, window, hosted, wait_s, poll_s, follow, asked_to_yield, sleep)
+    if wait_s <= 0:
+        return False
+    if missing or follow:
+        return bool(missing) and asked_to_yield()
+    return bool(awaited(registry, window, hosted, turns=True))
+
+
 def pooled(registry: TenantRegistry, rank: int = 0, world: int = 1, later: bool = False) -> dict | None:
     """Every post so far by tenant, to judge on, or None to judge `later` (rank 0's call); in a data-parallel run,
     rank 0's (read once) on every rank."""

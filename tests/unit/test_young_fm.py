@@ -101,6 +101,37 @@ def test_a_run_waits_for_the_posts_of_tenants_other_runs_are_training_towards_th
     assert slept == [0.25]
 
 
+def test_a_run_gives_its_slot_up_unjudged_only_to_let_in_tenants_that_need_it(tmp_path):
+    import json
+
+    from exfm_ray.tenants.config import TenantConfig
+    from exfm_ray.tenants.registry import TenantRegistry
+    from exfm_ray.tenants.young_board import judge_later, post
+
+    reg = TenantRegistry(tmp_path)
+    runs = {n: reg.add(TenantConfig(name=n)).run_name for n in ("here", "behind", "queued")}
+    for name, phase in [("behind", "train"), ("queued", "queued"), ("here", "pooling")]:
+        reg.progress_path(name).parent.mkdir(parents=True, exist_ok=True)
+        reg.progress_path(name).write_text(json.dumps({"run": runs[name], "window": 0, "phase": phase}))
+    post(reg, "here", runs["here"], 1, RankEvidence(0.7, 0.6, 40, 2000))
+    asked, not_asked = (lambda: True), (lambda: False)
+
+    def behind_posts(_):
+        post(reg, "behind", runs["behind"], 1, RankEvidence(0.7, 0.6, 40, 2000))
+
+    def judge(wait_s, follow, asked_to_yield):
+        return judge_later(reg, 1, {"here"}, wait_s, 0.01, follow, asked_to_yield, sleep=behind_posts)
+
+    # following the stream (runs take turns): only when asked for the slot while tenants are still awaited
+    assert judge(1e-9, True, asked) and not judge(1e-9, True, not_asked)
+    assert not judge(0.0, True, asked)  # 0: never wait, judge now
+    # without --follow: a run in training that timed out is not worth the slot; a queued tenant is
+    assert not judge(1e-9, False, not_asked)
+    assert judge(60.0, False, not_asked)  # `behind` posts while the run waits, `queued` is left: let it in
+    post(reg, "queued", runs["queued"], 1, RankEvidence(0.7, 0.6, 40, 2000))
+    assert not judge(60.0, False, not_asked) and not judge(60.0, True, asked)  # every post in: judge now
+
+
 def test_a_student_judged_off_trains_as_without_the_young_fms_terms_and_keeps_its_verdict(world):
     spec, rows = world
     b = rows.batch(0, 64, spec.tenant("feed").features, spec.tenant("feed").dense)
