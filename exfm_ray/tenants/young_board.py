@@ -60,6 +60,7 @@ def awaited(registry: TenantRegistry, window: int, hosted: set[str], turns: bool
     way to `window`: in another run or, where runs take `turns` (following the stream: a run is asked to give up
     its slot for a queued one), queued for a slot or done (its run gave up its slot) before it."""
     out = []
+    still = NOT_MOVING if turns else (*NOT_MOVING, "queued", "done")
     for name, entry in registry.entries().items():
         if entry.status != "active" or name in hosted or entry.config.distill().fm_gate_young_z is None:
             continue
@@ -68,7 +69,6 @@ def awaited(registry: TenantRegistry, window: int, hosted: set[str], turns: bool
                 continue
             progress = registry.progress(name)
             phase, at = progress.get("phase"), progress.get("window")  # "done": the last window it trained
-            still = NOT_MOVING if turns else (*NOT_MOVING, "queued", "done")
             moving = progress.get("run") == entry.run_name and phase not in still and isinstance(at, int)
             if moving and at + (phase == "done") <= window:
                 out.append(name)
@@ -112,9 +112,9 @@ def judge_later(
     the run comes back, on the posts of those let in. Following the stream, runs take turns: when asked to yield
     while tenants are still awaited. Without it runs end rather than take turns: at once when, those in training
     having posted, tenants queued for a slot or yielded before the window are left. `wait_s` 0: judge now."""
-    missing = wait_for_posts(registry, window, hosted, wait_s, poll_s, follow, asked_to_yield, sleep)
     if wait_s <= 0:
         return False
+    missing = wait_for_posts(registry, window, hosted, wait_s, poll_s, follow, asked_to_yield, sleep)
     if missing or follow:
         return bool(missing) and asked_to_yield()
     return bool(awaited(registry, window, hosted, turns=True))
