@@ -16,23 +16,34 @@ def platt_fit(labels: torch.Tensor, logit: torch.Tensor, prior: float = 0.0, ite
     """(a, b) minimizing the summed log loss of sigmoid(a * logit + b) plus prior / 2 * ((a - 1)^2 + b^2).
 
     The prior pulls towards the identity (the FM as it is), worth `prior` nats per unit: with a
-    handful of positives the fit is mostly noise. Newton's method from the identity, halving a
-    step that does not lower the objective (nearly separable data make full steps overshoot).
+    handful of positives the fit is mostly noise.
     """
-    y, x = labels.double(), logit.double()
-    design = torch.stack([x, torch.ones_like(x)], 1)
-    identity = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    reg = (prior + 1e-3) * torch.eye(2, dtype=torch.float64)
+    x = logit.double()
+    a, b = logistic_fit(labels, torch.stack([x, torch.ones_like(x)], 1), torch.tensor([1.0, 0.0]), prior, iters)
+    return float(a), float(b)
+
+
+def logistic_fit(
+    labels: torch.Tensor, design: torch.Tensor, center: torch.Tensor, prior: float = 0.0, iters: int = 30
+) -> torch.Tensor:
+    """Weights w minimizing the summed log loss of sigmoid(design @ w) plus prior / 2 * |w - center|^2.
+
+    Newton's method from `center`, halving a step that does not lower the objective (nearly separable
+    data make full steps overshoot).
+    """
+    y, x = labels.double(), design.double()
+    center = center.double()
+    reg = (prior + 1e-3) * torch.eye(len(center), dtype=torch.float64)
 
     def objective(w: torch.Tensor) -> float:
-        nll = torch.nn.functional.binary_cross_entropy_with_logits(design @ w, y, reduction="sum")
-        return float(nll) + 0.5 * float((w - identity) @ reg @ (w - identity))
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y, reduction="sum")
+        return float(nll) + 0.5 * float((w - center) @ reg @ (w - center))
 
-    w, current = identity.clone(), objective(identity)
+    w, current = center.clone(), objective(center)
     for _ in range(iters):
-        p = torch.sigmoid(design @ w)
-        grad = design.T @ (p - y) + reg @ (w - identity)
-        hess = (design * (p * (1 - p)).unsqueeze(1)).T @ design + reg
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y) + reg @ (w - center)
+        hess = (x * (p * (1 - p)).unsqueeze(1)).T @ x + reg
         step = torch.linalg.solve(hess, grad)
         for _ in range(20):
             value = objective(w - step)
@@ -45,4 +56,4 @@ def platt_fit(labels: torch.Tensor, logit: torch.Tensor, prior: float = 0.0, ite
         current = value
         if converged:
             break
-    return float(w[0]), float(w[1])
+    return w
