@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from exfm_ray.experiment.guarded import BASE_RATE, worst_excess  # noqa: E402
+from exfm_ray.experiment.headroom import HEADROOM  # noqa: E402
 from exfm_ray.experiment.runner import mean_std  # noqa: E402
 from exfm_ray.metrics import transfer_ratio  # noqa: E402
 from exfm_ray.numbers import fmt  # noqa: E402
@@ -62,7 +63,7 @@ def summarize(records: list[dict], warmup: int) -> dict:
         for v, s in summary.items():
             s["ne_change_vs_vm_only_pct"] = 100.0 * (s["ne_mean"] - base) / base
             s.update(worst.get(v, {}))
-            if v not in ("fm", BASELINE, BASE_RATE) and "fm" in summary:
+            if v not in ("fm", BASELINE, BASE_RATE, HEADROOM) and "fm" in summary:
                 s["transfer_ratio"] = transfer_ratio(base, s["ne_mean"], summary["fm"]["ne_mean"])
                 for t, cell in tenants[v].items():
                     alone, fm = tenants[BASELINE].get(t), tenants["fm"].get(t)
@@ -162,7 +163,7 @@ def markdown(results: dict) -> str:
         "",
         f"Default variant: `{default}`. TR = transfer ratio, the share of the FM's gain over vm_only that the "
         "student captures. Worst window = the post-warm-up window (NE averaged over tenants, mean over seeds) "
-        "where the variant is furthest above vm_only.",
+        "where the variant is furthest above vm_only." + (_HEADROOM_LINE if HEADROOM in s else ""),
         *_machine_line(results.get("machine")),
         "",
         "| variant | NE mean | NE std | NE vs vm_only | worst window | TR | AUC mean | calibration |",
@@ -213,6 +214,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_HEADROOM_LINE = (
+    f" `{HEADROOM}` is a reference, not a student: vm_only's score and the FM's label of the row, combined by a "
+    "logistic fit on the earlier windows' labels; where it is not below vm_only, the FM holds nothing a student can "
+    "be expected to distill."
+)
+
+
 def _tenant_cell(cell: dict | None) -> str:
     if not cell:
         return "-"
@@ -221,7 +229,7 @@ def _tenant_cell(cell: dict | None) -> str:
 
 
 def _order(summary: dict) -> list[str]:
-    known = ["fm", BASE_RATE, "vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa"]
+    known = ["fm", HEADROOM, BASE_RATE, "vm_only", "kd_single_head", "kd_sa", "ah", "ah_sa"]
     names = [v for v, s in summary.items() if isinstance(s, dict)]
     return [v for v in known if v in names] + sorted(set(names) - set(known))
 
@@ -236,7 +244,7 @@ def plot(results: dict, path: Path) -> Path:
     base = curves.get(BASELINE)
     shown = [ne for c in curves.values() for pts in c.values() for w, ne in pts.items() if w >= results["warmup"]]
     for v, c in curves.items():
-        style = {"linestyle": "--", "color": "black"} if v == "fm" else {}
+        style = {"fm": {"linestyle": "--", "color": "black"}, HEADROOM: {"linestyle": ":", "color": "grey"}}.get(v, {})
         for col, key in enumerate(["all", *tenants]):
             pts = c.get(key, {})
             ws = sorted(pts)

@@ -21,6 +21,7 @@ from exfm_ray.data.stream import Stream
 from exfm_ray.errors import ConfigError
 from exfm_ray.experiment.config import ExperimentConfig
 from exfm_ray.experiment.guarded import BLEND, CONTROL, base_rate_records, guarded_records
+from exfm_ray.experiment.headroom import HEADROOM, headroom_scores
 from exfm_ray.fm.learner import FMLearner, head_logit
 from exfm_ray.fm.model import build_fm, count_parameters
 from exfm_ray.fm.registry import window_labeled_by
@@ -92,6 +93,7 @@ def run_experiment(
             for v in cfg.variants:
                 records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim, preds.get(v), evidence)
             records += _blend_records(seed, name, parts, preds)
+            records += _headroom_records(seed, name, parts, preds.get(CONTROL))
     return records + _guard_records(cfg, parts, records)
 
 
@@ -102,6 +104,21 @@ def _blend_records(seed: int, tenant: str, parts: list[dict[str, TenantWindow]],
         return []
     a, b = preds[DEFAULT_VARIANT], preds[CONTROL]
     return [_record(seed, BLEND, tenant, t, parts[t][tenant].rows.label, blend(a[t], b[t])) for t in sorted(a)]
+
+
+def _headroom_records(
+    seed: int, tenant: str, parts: list[dict[str, TenantWindow]], control: dict[int, torch.Tensor] | None
+) -> list[dict]:
+    """The FM's headroom over vm_only (experiment/headroom.py), where vm_only ran and the FM labeled."""
+    if control is None:
+        return []
+    windows = []
+    for t in sorted(control):
+        rows = parts[t][tenant].rows
+        labeled = bool(rows.fm_mask.all())
+        windows.append((t, rows.label, control[t], rows.fm_logit if labeled else None))
+    scores = headroom_scores(windows)
+    return [_record(seed, HEADROOM, tenant, t, parts[t][tenant].rows.label, p) for t, p in sorted(scores.items())]
 
 
 def _guard_records(cfg: ExperimentConfig, parts: list[dict[str, TenantWindow]], records: list[dict]) -> list[dict]:

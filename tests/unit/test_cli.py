@@ -90,7 +90,7 @@ def test_experiment_runs_from_a_config_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ah |" in out and "results.json" in out
     data = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert data["seeds"] == 1 and {"fm", "vm_only", "ah", "base_rate"} == {
+    assert data["seeds"] == 1 and {"fm", "vm_only", "ah", "base_rate", "fm_headroom"} == {
         v for v, s in data["summary"].items() if isinstance(s, dict)
     }
     # the kernels the FM trained with travel with the figures (they move the FM's labels)

@@ -93,7 +93,13 @@ def test_experiment_writes_json_markdown_and_png(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     guarded = f"{default}+guard"
     assert data["default_variant"] == data["summary"]["default_variant"] == default
-    assert set(variants_of(data["summary"])) == {"fm", "vm_only", "ah", default, "blend", "base_rate", guarded}
+    headroom = "fm_headroom"
+    expected = {"fm", "vm_only", "ah", default, "blend", "base_rate", guarded, headroom}
+    assert set(variants_of(data["summary"])) == expected
+    # the FM labels windows 1-3 (delay 1); its headroom needs one labeled window before the one it scores
+    assert [p["window"] for p in data["per_window"][headroom]["feed"]] == [2, 3]
+    assert "transfer_ratio" not in data["summary"][headroom]
+    assert f"`{headroom}` is a reference" in (tmp_path / "results.md").read_text()
     for s in variants_of(data["summary"]).values():
         assert {"ne_mean", "ne_std", "auc_mean"} <= set(s)
         assert s["seeds"] == 2 and 0.3 < s["ne_mean"] < 1.5
