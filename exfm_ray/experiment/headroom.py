@@ -3,9 +3,8 @@
 Per tenant and window t, a logistic fit of the labels on [the student alone's logit, the FM's logit, 1], on
 every earlier window the FM labeled (the labels a trainer has when it trains on t), shrunk towards the student
 as it is; scored on window t. It reads the FM's label of the row it scores, which a served student never has,
-so it is generous to distillation: where it does not beat vm_only, nothing fitted on the labels so far turns the
-FM's labels into a better NE for this tenant, and a distilled student beating the student alone there would be
-luck. Where it does, the gap is roughly what distillation could win (docs/results.md, "The FM's headroom").
+and it is one narrow model (three weights, every earlier window alike): a gauge of what the FM's labels add to
+the student's scores, not a bound on what distillation can win (docs/results.md, "The FM's headroom").
 """
 
 from __future__ import annotations
@@ -30,8 +29,9 @@ def headroom_scores(
     windows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]], prior: float = HEADROOM_PRIOR
 ) -> dict[int, torch.Tensor]:
     """`windows`: (t, labels, the student alone's probabilities, the FM's logits or None where the FM did not
-    label the window) in time order. Returns the fitted probabilities of each window that has FM labels and at
-    least one FM-labeled window before it; window t's labels never reach its own scores."""
+    label the window) in time order. Returns, for each window the FM labeled, the fitted probabilities (on the
+    first one, with nothing to fit on, the fit's centre: the student as it is); window t's labels never reach its
+    own scores."""
     seen_y: list[torch.Tensor] = []
     seen_x: list[torch.Tensor] = []
     out: dict[int, torch.Tensor] = {}
@@ -39,9 +39,8 @@ def headroom_scores(
         if f is None:
             continue
         design = torch.stack([_logit(p), f.double(), torch.ones(len(y), dtype=torch.float64)], 1)
-        if seen_y:
-            w = logistic_fit(torch.cat(seen_y), torch.cat(seen_x), _CENTER, prior)
-            out[t] = torch.sigmoid(design @ w).float()
+        w = logistic_fit(torch.cat(seen_y), torch.cat(seen_x), _CENTER, prior) if seen_y else _CENTER.double()
+        out[t] = torch.sigmoid(design @ w).float()
         seen_y.append(y)
         seen_x.append(design)
     return out

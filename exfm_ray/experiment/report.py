@@ -216,8 +216,8 @@ def markdown(results: dict) -> str:
 
 _HEADROOM_LINE = (
     f" `{HEADROOM}` is a reference, not a student: vm_only's score and the FM's label of the row, combined by a "
-    "logistic fit on the earlier windows' labels; where it is not below vm_only, the FM holds nothing a student can "
-    "be expected to distill."
+    "logistic fit on the earlier windows' labels (a gauge of what the FM's labels add, not a bound: where it is not "
+    "below vm_only, no such refit of the FM's labels beats the student alone)."
 )
 
 

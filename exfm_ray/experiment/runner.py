@@ -93,7 +93,8 @@ def run_experiment(
             for v in cfg.variants:
                 records += _run_student(cfg, stream, parts, seed, v, name, progress, fm_dim, preds.get(v), evidence)
             records += _blend_records(seed, name, parts, preds)
-            records += _headroom_records(seed, name, parts, preds.get(CONTROL))
+            if not cfg.leaky:  # at delay 0 the FM's logit, a feature of the fit, has seen the window it scores
+                records += _headroom_records(seed, name, parts, preds.get(CONTROL))
     return records + _guard_records(cfg, parts, records)
 
 

@@ -26,7 +26,8 @@ def platt_fit(labels: torch.Tensor, logit: torch.Tensor, prior: float = 0.0, ite
 def logistic_fit(
     labels: torch.Tensor, design: torch.Tensor, center: torch.Tensor, prior: float = 0.0, iters: int = 30
 ) -> torch.Tensor:
-    """Weights w minimizing the summed log loss of sigmoid(design @ w) plus prior / 2 * |w - center|^2.
+    """Weights w minimizing the summed log loss of sigmoid(design @ w) plus (prior + 1e-3) / 2 * |w - center|^2
+    (the 1e-3 keeps the Newton system solvable where columns are constant or collinear).
 
     Newton's method from `center`, halving a step that does not lower the objective (nearly separable
     data make full steps overshoot).

@@ -96,8 +96,10 @@ def test_experiment_writes_json_markdown_and_png(tmp_path):
     headroom = "fm_headroom"
     expected = {"fm", "vm_only", "ah", default, "blend", "base_rate", guarded, headroom}
     assert set(variants_of(data["summary"])) == expected
-    # the FM labels windows 1-3 (delay 1); its headroom needs one labeled window before the one it scores
-    assert [p["window"] for p in data["per_window"][headroom]["feed"]] == [2, 3]
+    # the FM labels windows 1-3 (delay 1); on the first, with nothing to fit on, the headroom is vm_only itself
+    assert [p["window"] for p in data["per_window"][headroom]["feed"]] == [1, 2, 3]
+    first = {v: data["per_window"][v]["feed"][1 if v == "vm_only" else 0]["ne"] for v in (headroom, "vm_only")}
+    assert first[headroom] == pytest.approx(first["vm_only"], abs=1e-5)
     assert "transfer_ratio" not in data["summary"][headroom]
     assert f"`{headroom}` is a reference" in (tmp_path / "results.md").read_text()
     for s in variants_of(data["summary"]).values():
@@ -129,6 +131,8 @@ def test_fm_delay_zero_is_flagged_leaky(tmp_path):
     results = experiment(tiny_cfg(fm_delay=0, variants=["vm_only"]), tmp_path, show_progress=False)
     assert results["leaky"] is True
     assert "leaky oracle" in (tmp_path / "results.md").read_text()
+    # the FM's headroom would read a logit that has seen the window it scores: not reported
+    assert "fm_headroom" not in results["summary"] and "fm_headroom" not in (tmp_path / "results.md").read_text()
 
 
 def test_unknown_variant_is_rejected_naming_the_field():

@@ -30,7 +30,8 @@ def _ne(windows, scores, t):
 def test_the_headroom_finds_what_the_fm_knows_and_costs_little_where_it_knows_nothing():
     knows = _windows(fm_knows=True)
     scores = headroom_scores(knows)
-    assert sorted(scores) == [2, 3]  # window 1 has no FM-labeled window before it
+    assert sorted(scores) == [1, 2, 3]  # every window the FM labeled ...
+    assert torch.allclose(scores[1], knows[1][2], atol=1e-6)  # ... the first with nothing to fit on: the student
     for t in (2, 3):
         student = ne(knows[t][1].numpy(), knows[t][2].numpy())
         assert _ne(knows, scores, t) < student - 0.05  # the FM's signal, recalibrated from its 3x overconfidence
