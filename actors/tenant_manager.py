@@ -40,7 +40,14 @@ from exfm_ray.observability import LOG
 from exfm_ray.tenants.config import TenantConfig, resolve
 from exfm_ray.tenants.outputs import announce
 from exfm_ray.tenants.registry import TenantEntry, TenantRegistry
-from exfm_ray.tenants.trainer import TENANTS_PER_RUN, TenantRunConfig, WindowPlan, fit_tenant
+from exfm_ray.tenants.trainer import (
+    TENANTS_PER_RUN,
+    YOUNG_FM_WAIT_MAX_S,
+    YOUNG_FM_WAIT_S,
+    TenantRunConfig,
+    WindowPlan,
+    fit_tenant,
+)
 
 
 class TenantManagerConfig(Config):
@@ -51,9 +58,9 @@ class TenantManagerConfig(Config):
     tenants_per_run: int = Field(TENANTS_PER_RUN, ge=1, description="One-worker tenants one run hosts at "
                                  "most (1: every tenant its own run).")  # fmt: skip
     poll_s: float = Field(1.0, gt=0, description="How often a following run looks for the next window.")
-    # at most 900 s: a data-parallel run's other ranks wait in a gloo broadcast, whose timeout is 1800 s
-    young_fm_wait_s: float = Field(120.0, ge=0, le=900, description="How long a tenant judging the young FM waits "
-                                   "for tenants other runs train towards that window to post.")  # fmt: skip
+    young_fm_wait_s: float = Field(YOUNG_FM_WAIT_S, ge=0, le=YOUNG_FM_WAIT_MAX_S, description="How long a tenant "
+                                   "judging the young FM waits for tenants other runs train towards that window to "
+                                   "post.")  # fmt: skip
 
 
 @dataclass

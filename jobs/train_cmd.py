@@ -27,9 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--young-fm-wait",
         type=float,
-        default=120.0,
-        help="seconds (0-900) a tenant judging the young FM waits for the tenants other runs are bringing to the "
-        "FM's first labeled window (docs/design.md)",
+        help="seconds (at most 900) a tenant judging the young FM waits for the tenants other runs are bringing to "
+        "the FM's first labeled window (docs/design.md; default 120)",
     )
     p.add_argument("--storage", type=Path, help="storage root (default EXFM_STORAGE or runs/store)")
     p.add_argument("--address", help="Ray cluster address (default: EXFM_RAY_ADDRESS, else a local Ray)")
@@ -53,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from actors.tenant_manager import TenantManagerConfig
     from exfm_ray.tenants.checks import check_ready
     from exfm_ray.tenants.report import write_storage_report
+    from exfm_ray.tenants.trainer import YOUNG_FM_WAIT_MAX_S
     from jobs.cluster import connect
 
     storage = (args.storage or Settings().storage).resolve()
@@ -60,14 +60,13 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--tenants-per-run", args.tenants_per_run)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
-    if not 0 <= args.young_fm_wait <= 900:
-        raise ConfigError("--young-fm-wait must be within 0..900 seconds")
+    if args.young_fm_wait is not None and not 0 <= args.young_fm_wait <= YOUNG_FM_WAIT_MAX_S:
+        raise ConfigError(f"--young-fm-wait must be within 0..{YOUNG_FM_WAIT_MAX_S:g} seconds")
     tenants = check_ready(storage, first, last, args.follow)
     connect(args.address or Settings().ray_address)
-    shared = {"tenants_per_run": args.tenants_per_run} if args.tenants_per_run is not None else {}
-    cfg = TenantManagerConfig(
-        storage=str(storage), max_concurrent=args.max_concurrent, young_fm_wait_s=args.young_fm_wait, **shared
-    )
+    given = {"tenants_per_run": args.tenants_per_run, "young_fm_wait_s": args.young_fm_wait}
+    shared = {k: v for k, v in given.items() if v is not None}
+    cfg = TenantManagerConfig(storage=str(storage), max_concurrent=args.max_concurrent, **shared)
     status = train_tenants(cfg, first, last, args.follow, show_progress=not args.no_progress)
     out = args.out or storage / "reports" / "train"
     paths = write_storage_report(storage, out, list(status["runs"]) or tenants)

@@ -20,11 +20,6 @@ HEADROOM_PRIOR = 1.0
 _CENTER = torch.tensor([1.0, 0.0, 0.0])
 
 
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.double().clamp(1e-6, 1 - 1e-6)
-    return torch.log(p) - torch.log1p(-p)
-
-
 def headroom_scores(
     windows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]], prior: float = HEADROOM_PRIOR
 ) -> dict[int, torch.Tensor]:
@@ -38,7 +33,9 @@ def headroom_scores(
     for t, y, p, f in windows:
         if f is None:
             continue
-        design = torch.stack([_logit(p), f.double(), torch.ones(len(y), dtype=torch.float64)], 1)
+        design = torch.stack(
+            [torch.logit(p.double(), eps=1e-6), f.double(), torch.ones(len(y), dtype=torch.float64)], 1
+        )
         w = logistic_fit(torch.cat(seen_y), torch.cat(seen_x), _CENTER, prior) if seen_y else _CENTER.double()
         out[t] = torch.sigmoid(design @ w).float()
         seen_y.append(y)

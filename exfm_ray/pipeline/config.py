@@ -12,7 +12,7 @@ from exfm_ray.fm.config import FMConfig
 from exfm_ray.serving.config import ServeConfig
 from exfm_ray.students.config import StudentConfig
 from exfm_ray.tenants.config import TenantConfig
-from exfm_ray.tenants.trainer import TENANTS_PER_RUN
+from exfm_ray.tenants.trainer import TENANTS_PER_RUN, YOUNG_FM_WAIT_MAX_S, YOUNG_FM_WAIT_S
 
 
 class PipelineConfig(Config):
@@ -38,9 +38,9 @@ class PipelineConfig(Config):
         TENANTS_PER_RUN, ge=1, description="One-worker tenants one training run hosts at most."
     )
     young_fm_wait_s: float = Field(
-        120.0,
+        YOUNG_FM_WAIT_S,
         ge=0,
-        le=900,
+        le=YOUNG_FM_WAIT_MAX_S,
         description="How long a tenant judging the young FM waits for the posts of tenants "
         "other training runs are bringing to its first labeled window (docs/design.md).",
     )

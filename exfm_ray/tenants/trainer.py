@@ -38,6 +38,8 @@ from exfm_ray.train_runs import allreduce_mean_grads
 # decides when runs must take turns (max_concurrent x this many tenants): each turn costs a Ray
 # Train start-up, while a bigger group costs nothing idle (~1.5 MB per size-1 student, measured).
 TENANTS_PER_RUN = 32
+# The young FM's wait (young_board.py); at most 900 s: the other ranks wait in a gloo broadcast (timeout 1800 s).
+YOUNG_FM_WAIT_S, YOUNG_FM_WAIT_MAX_S = 120.0, 900.0
 
 
 class WindowPlan(Config):
@@ -66,8 +68,9 @@ class TenantRunConfig(Config):
     progress_every_s: float = Field(0.5, gt=0, description="How often rank 0 rewrites a tenant's progress.json.")
     yield_after: int = Field(4, ge=1, description="Rounds a run asked to give up its slot still trains when far "
                              "behind (caught up, it yields at once).")  # fmt: skip
-    young_fm_wait_s: float = Field(120.0, ge=0, le=900, description="How long tenants judging the young FM wait "
-                                   "for those other runs train towards its first labeled window.")  # fmt: skip
+    young_fm_wait_s: float = Field(YOUNG_FM_WAIT_S, ge=0, le=YOUNG_FM_WAIT_MAX_S, description="How long tenants "
+                                   "judging the young FM wait for those other runs train towards its first labeled "
+                                   "window.")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
